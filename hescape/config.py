@@ -1,0 +1,383 @@
+"""Study configuration as validated data.
+
+Every section is a pydantic v2 model with ``extra="forbid"``, so a misspelt key fails at
+load time with the key's dotted path. ``load_config(path, overrides)`` reads YAML with
+``yaml.safe_load``, follows an optional ``base:`` include (relative to the file), applies
+``--set a.b.c=value`` overrides and validates. Configs cross Ray process boundaries as
+plain dicts (``cfg.model_dump()``) and are rebuilt with ``StudyConfig.model_validate``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key it comes from."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- data
+class SimulateConfig(Strict):
+    """Knobs of the built-in simulator (the embedded default dataset)."""
+
+    n_donors: int = Field(6, ge=2)
+    spots_per_donor: int = Field(400, ge=10)
+    slides_per_donor: int = Field(1, ge=1)
+    n_genes: int = Field(120, ge=10)
+    n_states: int = Field(5, ge=2)
+    patch_size: int = Field(32, ge=16, le=224)
+    donor_effect: float = Field(1.0, ge=0.0, description="expression batch-effect strength")
+    stain_effect: float = Field(1.0, ge=0.0, description="image batch-effect strength")
+    mutation_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
+class SplitConfig(Strict):
+    """Donor-level split: fractions of donors (never of spots), or a file."""
+
+    val_fraction: float = Field(0.17, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.33, gt=0.0, lt=1.0)
+    seed: int = 0
+    file: Optional[str] = None
+    min_spots_per_donor: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave donors for training (< 1)")
+        return self
+
+
+class DataConfig(Strict):
+    path: Optional[str] = Field(None, description="canonical dataset dir; null = simulate")
+    simulate: SimulateConfig = SimulateConfig()
+    split: SplitConfig = SplitConfig()
+    batch_key: Literal["donor", "slide"] = "donor"
+    label_key: str = "state"
+    mutation_key: Optional[str] = "mutation"
+
+
+# --------------------------------------------------------------------- preprocess
+class ScviOptions(Strict):
+    n_latent: int = Field(10, ge=2)
+    n_layers: int = Field(1, ge=1)
+    n_hidden: int = Field(128, ge=8)
+    max_epochs: int = Field(60, ge=1)
+    output: Literal["latent", "normalized"] = "latent"
+    mode: Literal["inductive", "transductive"] = "inductive"
+    allow_non_integer: bool = False
+
+
+class ExpressionPreprocess(Strict):
+    method: Literal["none", "pca", "harmony", "scvi", "combat"] = "none"
+    n_top_genes: Optional[int] = Field(None, ge=2)
+    n_pcs: int = Field(30, ge=2)
+    theta: float = Field(2.0, ge=0.0)
+    sigma: float = Field(0.1, gt=0.0)
+    harmony_mode: Literal["transductive", "inductive"] = "transductive"
+    scvi: ScviOptions = ScviOptions()
+
+
+class ImagePreprocess(Strict):
+    stain_norm: Literal["none", "macenko"] = "none"
+    stain_augment: float = Field(0.0, ge=0.0, le=0.5, description="HED jitter strength")
+
+
+class PreprocessConfig(Strict):
+    expression: ExpressionPreprocess = ExpressionPreprocess()
+    image: ImagePreprocess = ImagePreprocess()
+
+
+# -------------------------------------------------------------------------- model
+class ImageEncoderConfig(Strict):
+    name: str = "tiny_cnn"
+    pretrained: bool = False
+    weights: Optional[str] = Field(None, description="local weights file (safetensors/pt)")
+    mode: Literal["frozen", "finetune", "last_n"] = "frozen"
+    last_n: int = Field(1, ge=1)
+    image_size: Optional[int] = Field(None, ge=16, le=1024)
+
+
+class GeneEncoderConfig(Strict):
+    name: str = "mlp"
+    hidden_dim: int = Field(256, ge=8)
+    n_layers: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    n_heads: int = Field(4, ge=1)
+    n_bins: int = Field(16, ge=2)
+    max_genes: int = Field(2048, ge=1)
+    checkpoint: Optional[str] = None
+    frozen: bool = False
+
+
+class AdversaryConfig(Strict):
+    enabled: bool = False
+    weight: float = Field(0.0, ge=0.0, description="lambda of the gradient-reversal loss")
+    towers: list[Literal["image", "gene"]] = ["gene"]
+    warmup_steps: int = Field(0, ge=0)
+    hidden_dim: int = Field(64, ge=4)
+
+
+class ModelConfig(Strict):
+    image: ImageEncoderConfig = ImageEncoderConfig()
+    gene: GeneEncoderConfig = GeneEncoderConfig()
+    embed_dim: int = Field(128, ge=2)
+    projection: Literal["linear", "mlp"] = "mlp"
+    adversary: AdversaryConfig = AdversaryConfig()
+
+
+class LossConfig(Strict):
+    name: Literal["clip", "siglip"] = "clip"
+    init_temperature: float = Field(0.07, gt=0.01, le=1.0)
+    learn_temperature: bool = True
+    siglip_init_bias: float = -10.0
+
+
+# -------------------------------------------------------------------------- train
+class TrainConfig(Strict):
+    batch_size: int = Field(64, ge=2)
+    max_steps: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0.0)
+    eval_every: int = Field(50, ge=1)
+    early_stop_patience: Optional[int] = Field(None, ge=1, description="evaluations")
+    best_metric: str = "val/r5_img2gene"
+    best_mode: Literal["max", "min"] = "max"
+    seed: int = 0
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    in_process: bool = Field(
+        True, description="1 worker, no GPU: run the loop in the trial process (no worker group)"
+    )
+    feature_cache: bool = True
+    loader_workers: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0, description="worker-failure restarts (Ray FailureConfig)")
+
+
+# --------------------------------------------------------------------------- eval
+class EvalConfig(Strict):
+    ks: list[int] = [1, 5, 10]
+    block_size: int = Field(1024, ge=1)
+    inbatch_size: int = Field(64, ge=2)
+    inbatch_repeats: int = Field(20, ge=1)
+    probe_top_genes: int = Field(50, ge=1)
+    probe_pca: int = Field(256, ge=1)
+    probe_alpha: float = Field(1.0, gt=0.0)
+    bleep_k: int = Field(10, ge=1)
+    mixing_subsample: int = Field(5000, ge=100)
+    min_donors_for_claim: int = Field(5, ge=2)
+    baselines: bool = True
+    plots: bool = True
+    seed: int = 0
+
+
+# -------------------------------------------------------------------------- sweep
+class SweepParam(Strict):
+    """One search dimension. ``when`` makes it conditional: ``{other.path: [values]}``."""
+
+    type: Literal["choice", "uniform", "loguniform", "int"]
+    values: Optional[list[Any]] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    when: Optional[dict[str, list[Any]]] = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SweepParam:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a 'choice' parameter needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"a {self.type!r} parameter needs 'low' and 'high'")
+            if self.low > self.high:
+                raise ValueError(f"low ({self.low}) > high ({self.high}): empty range")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError("a 'loguniform' parameter needs low > 0")
+        return self
+
+
+class Objective(Strict):
+    metric: str
+    mode: Literal["max", "min"] = "max"
+
+
+class SweepConfig(Strict):
+    searcher: Literal["tpe", "random", "grid"] = "tpe"
+    scheduler: Literal["asha", "none"] = "asha"
+    num_samples: int = Field(8, ge=1, description="trials (tpe/random); ignored by grid")
+    objectives: list[Objective] = [Objective(metric="test/r5_img2gene", mode="max")]
+    params: dict[str, SweepParam] = {}
+    seeds: int = Field(1, ge=1, description="repeat each configuration over n seeds")
+    max_concurrent: Optional[int] = Field(None, ge=1)
+    grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial may stop")
+
+    @model_validator(mode="after")
+    def _space(self) -> SweepConfig:
+        if not self.objectives:
+            raise ValueError("sweep.objectives is empty: name at least one metric")
+        if self.searcher == "grid":
+            bad = [k for k, p in self.params.items() if p.type != "choice"]
+            if bad:
+                raise ValueError(f"grid searcher needs 'choice' parameters only; not: {bad}")
+        if len(self.objectives) > 1 and self.scheduler == "asha":
+            raise ValueError("ASHA needs a single objective; set sweep.scheduler: none")
+        return self
+
+
+class MlflowConfig(Strict):
+    tracking_uri: Optional[str] = Field(
+        None, description="null = $MLFLOW_TRACKING_URI, else sqlite under storage_dir"
+    )
+    experiment: Optional[str] = Field(None, description="null = the study name")
+
+
+class StudyConfig(Strict):
+    name: str = Field("study", pattern=r"^[A-Za-z0-9_.\-]+$")
+    storage_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    sweep: Optional[SweepConfig] = None
+
+
+# ------------------------------------------------------------------------ loading
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base:' include loop ({' -> '.join(map(str, seen))})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    parent = _read_yaml((path.parent / str(base)), seen + (path.resolve(),))
+    return _deep_merge(parent, raw)
+
+
+def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.lr=3e-4")
+    key, _, text = override.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {override!r}: empty key")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {exc}") from exc
+    out = copy.deepcopy(data)
+    node = out
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+    return out
+
+
+def _format_validation(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<top>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see experiments/base.yaml for valid keys)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], source: str = "<config>") -> StudyConfig:
+    """Validate a plain dict into a StudyConfig, with errors naming the dotted key."""
+    try:
+        cfg = StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(source, exc)) from None
+    check_names(cfg, source)
+    return cfg
+
+
+def check_names(cfg: StudyConfig, source: str = "<config>") -> None:
+    """Validate encoder names against the registries (lazy import: models pull in torch)."""
+    from hescape.models import check_gene_encoder_name, check_image_encoder_name
+
+    problems: list[str] = []
+    names = {"model.image.name": [cfg.model.image.name], "model.gene.name": [cfg.model.gene.name]}
+    if cfg.sweep is not None:
+        for key in ("model.image.name", "model.gene.name"):
+            if key in cfg.sweep.params and cfg.sweep.params[key].values:
+                names[key] = names[key] + [str(v) for v in cfg.sweep.params[key].values]
+    for key, values in names.items():
+        check = check_image_encoder_name if key == "model.image.name" else check_gene_encoder_name
+        for value in values:
+            msg = check(value)
+            if msg:
+                problems.append(f"  - {key}: {msg}")
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Read a study YAML (with ``base:`` include), apply overrides, validate."""
+    path = Path(path)
+    data = _read_yaml(path)
+    for override in overrides or []:
+        data = apply_override(data, override)
+    return validate_config(data, source=str(path))
+
+
+def get_path(data: dict[str, Any], dotted: str) -> Any:
+    """Read ``a.b.c`` from a nested dict (KeyError names the missing part)."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"{dotted!r}: no key {part!r}")
+        node = node[part]
+    return node
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``a.b.c`` set to ``value``."""
+    out = copy.deepcopy(data)
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
