@@ -1,0 +1,30 @@
+"""Evaluation: whole-set retrieval, probes, batch-mixing metrics, baselines, plots, pipeline.
+
+Names are imported lazily so ``import hescape.evaluate`` stays cheap (no torch, no umap).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "cross_modal_retrieval": "retrieval",
+    "rank_of_true": "retrieval",
+    "topk_blocked": "retrieval",
+    "expression_probe": "probes",
+    "retrieval_expression_probe": "probes",
+    "mutation_probe": "probes",
+    "label_probe": "probes",
+    "mixing_metrics": "mixing",
+    "evaluate_embeddings": "pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hescape.evaluate' has no attribute {name!r}")
+    module = importlib.import_module(f"hescape.evaluate.{_EXPORTS[name]}")
+    return getattr(module, name)

@@ -1,0 +1,123 @@
+"""Retrieval against a brute-force reference, plus perfect / random / within-donor / in-batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hescape.evaluate.retrieval import (
+    cross_modal_retrieval,
+    l2_normalize,
+    rank_of_true,
+    topk_blocked,
+)
+
+
+def _brute_ranks(q: np.ndarray, c: np.ndarray) -> np.ndarray:
+    s = l2_normalize(q) @ l2_normalize(c).T
+    return np.array([(s[i] >= s[i, i]).sum() for i in range(len(q))])
+
+
+def _pair(n: int, d: int = 8, noise: float = 0.5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, d))
+    return a, a + noise * rng.normal(size=(n, d))
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1000])
+def test_rank_matches_brute_force(block):
+    img, gene = _pair(53)
+    np.testing.assert_array_equal(rank_of_true(img, gene, block), _brute_ranks(img, gene))
+
+
+@pytest.mark.parametrize("block", [1, 5, 100])
+def test_topk_matches_brute_force(block):
+    img, gene = _pair(40, seed=1)
+    idx, scores = topk_blocked(img, gene, 5, block)
+    s = l2_normalize(img) @ l2_normalize(gene).T
+    ref = np.argsort(-s, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(idx, ref)
+    np.testing.assert_allclose(scores, np.take_along_axis(s, ref, 1), rtol=1e-6)
+
+
+def test_topk_ties_go_to_lower_index():
+    q = np.ones((2, 3))
+    c = np.ones((6, 3))
+    idx, _ = topk_blocked(q, c, 3, block_size=1)
+    np.testing.assert_array_equal(idx, [[0, 1, 2], [0, 1, 2]])
+
+
+def test_ties_count_against():
+    x = np.ones((10, 4))
+    ranks = rank_of_true(x, x, 3)
+    assert (ranks == 10).all()
+    m = cross_modal_retrieval(x, x, inbatch_size=5, inbatch_repeats=2)
+    assert m["r1_img2gene"] == 0.0
+
+
+def test_perfect_embeddings_give_recall_one():
+    img, _ = _pair(200)
+    m = cross_modal_retrieval(img, img * 3.0, donors=np.repeat(["a", "b"], 100), block_size=17)
+    for key in ("r1_img2gene", "r1_gene2img", "r1_img2gene_within_donor", "inbatch64_r5_img2gene"):
+        assert m[key] == 1.0, key
+    assert m["mean_rank_img2gene"] == 1.0 and m["median_rank_gene2img"] == 1.0
+    assert all("@" not in k for k in m)
+
+
+def test_random_embeddings_give_about_k_over_n():
+    rng = np.random.default_rng(3)
+    n = 1000
+    m = cross_modal_retrieval(rng.normal(size=(n, 32)), rng.normal(size=(n, 32)), block_size=128)
+    for k in (1, 5, 10):
+        expected = k / n
+        sd = np.sqrt(expected * (1 - expected) / n)
+        assert abs(m[f"r{k}_img2gene"] - expected) < 4 * sd + 1e-3
+    assert abs(m["mean_rank_img2gene"] - (n + 1) / 2) < 0.1 * n
+    assert abs(m["inbatch64_r5_img2gene"] - 5 / 64) < 0.02
+
+
+def test_within_donor_uses_only_same_donor_candidates():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(60, 6))
+    gene = img + 0.8 * rng.normal(size=img.shape)
+    donors = np.repeat(["d0", "d1", "d2"], 20)
+    m = cross_modal_retrieval(img, gene, donors=donors, ks=(1, 5))
+    ref = np.concatenate(
+        [_brute_ranks(img[donors == d], gene[donors == d]) for d in "d0 d1 d2".split()]
+    )
+    assert m["r5_img2gene_within_donor"] == pytest.approx(np.mean(ref <= 5))
+    assert m["mean_rank_img2gene_within_donor"] == pytest.approx(ref.mean())
+    # fewer candidates can only help
+    assert m["r1_img2gene_within_donor"] >= m["r1_img2gene"]
+
+
+def test_in_batch_matches_reference_and_is_seeded():
+    img, gene = _pair(130, noise=1.0, seed=4)
+    kw = dict(inbatch_size=32, inbatch_repeats=3, seed=7, ks=(5,))
+    m1, m2 = cross_modal_retrieval(img, gene, **kw), cross_modal_retrieval(img, gene, **kw)
+    assert m1["inbatch32_r5_img2gene"] == m2["inbatch32_r5_img2gene"]
+    rng = np.random.default_rng(7)
+    hits = []
+    for _ in range(3):
+        perm = rng.permutation(130)
+        for start in range(0, 130 - 32 + 1, 32):
+            rows = perm[start : start + 32]
+            hits.append(_brute_ranks(img[rows], gene[rows]) <= 5)
+    assert m1["inbatch32_r5_img2gene"] == pytest.approx(np.concatenate(hits).mean())
+    # a smaller batch is an easier task than the whole set
+    assert m1["inbatch32_r5_img2gene"] > m1["r5_img2gene"]
+
+
+def test_small_set_names_real_batch_size():
+    img, gene = _pair(20)
+    m = cross_modal_retrieval(img, gene, inbatch_size=64, inbatch_repeats=2)
+    assert "inbatch20_r5_img2gene" in m and "inbatch64_r5_img2gene" not in m
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="equal shapes"):
+        cross_modal_retrieval(np.ones((4, 3)), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="donors"):
+        cross_modal_retrieval(np.eye(4), np.eye(4), donors=["a"])
+    with pytest.raises(ValueError, match="block_size"):
+        rank_of_true(np.eye(3), np.eye(3), 0)
