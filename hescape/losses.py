@@ -1,0 +1,99 @@
+"""Contrastive losses with negatives gathered across workers (open_clip ``loss.py`` style).
+
+Each worker computes the loss of its *local* rows against the *global* batch (local loss,
+global negatives); ``all_gather`` keeps gradients flowing to every worker's embeddings.
+With DDP averaging parameter gradients over workers, loss and gradients equal those of one
+process on the concatenated batch (tested with 2 gloo processes). Rank and world size are
+passed explicitly (the training loop reads them from ``ray.train.get_context()``); nothing
+here reads environment variables. Local batches must have equal sizes (``drop_last=True``).
+
+``logit_scale`` is log-space (as returned by ``TwoTower``): logits use ``logit_scale.exp()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hescape.config import LossConfig
+
+
+def gather_with_grad(x: Tensor, world_size: int) -> Tensor:
+    """Concatenate ``x`` from all ranks (rank order) along dim 0; gradients flow back."""
+    if world_size <= 1:
+        return x
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    if not dist.is_initialized():
+        raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised")
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    if len({int(s) for s in sizes}) != 1:
+        raise ValueError(
+            f"local batch sizes differ across workers ({[int(s) for s in sizes]}); "
+            "use drop_last=True so every worker sees the same batch size"
+        )
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE; labels of local rows are offset by ``rank * local_batch``."""
+
+    def __init__(self, *, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+    def forward(
+        self,
+        img_emb: Tensor,
+        gene_emb: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor | None = None,
+    ) -> Tensor:
+        scale = logit_scale.exp()
+        all_img = gather_with_grad(img_emb, self.world_size)
+        all_gene = gather_with_grad(gene_emb, self.world_size)
+        logits_img = scale * img_emb @ all_gene.T
+        logits_gene = scale * gene_emb @ all_img.T
+        if logit_bias is not None:
+            logits_img, logits_gene = logits_img + logit_bias, logits_gene + logit_bias
+        n = img_emb.shape[0]
+        labels = torch.arange(n, device=img_emb.device) + self.rank * n
+        return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_gene, labels))
+
+
+class SigLipLoss(nn.Module):
+    """Pairwise sigmoid loss: local images against all genes, summed over pairs / local batch."""
+
+    def __init__(self, *, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+    def forward(
+        self,
+        img_emb: Tensor,
+        gene_emb: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor | None = None,
+    ) -> Tensor:
+        if logit_bias is None:
+            raise ValueError("SigLIP needs logit_bias (build the model with loss.name: siglip)")
+        all_gene = gather_with_grad(gene_emb, self.world_size)
+        logits = logit_scale.exp() * img_emb @ all_gene.T + logit_bias
+        n = img_emb.shape[0]
+        targets = -torch.ones_like(logits)
+        cols = torch.arange(n, device=img_emb.device) + self.rank * n
+        targets[torch.arange(n, device=img_emb.device), cols] = 1.0
+        return -F.logsigmoid(targets * logits).sum() / n
+
+
+_LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
+
+
+def create_loss(cfg: LossConfig, *, rank: int = 0, world_size: int = 1) -> nn.Module:
+    """The contrastive loss ``cfg.name`` for worker ``rank`` of ``world_size``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    return _LOSSES[cfg.name](rank=rank, world_size=world_size)

