@@ -224,6 +224,7 @@ class SweepConfig(Strict):
     objectives: list[Objective] = [Objective(metric="test/r5_img2gene", mode="max")]
     params: dict[str, SweepParam] = {}
     seeds: int = Field(1, ge=1, description="repeat each configuration over n seeds")
+    seed_top_k: int = Field(3, ge=1, description="tpe/random: re-run the top-k configs over seeds")
     max_concurrent: Optional[int] = Field(None, ge=1)
     grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial may stop")
 

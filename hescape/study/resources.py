@@ -1,0 +1,106 @@
+"""Per-trial resources, cluster capacity and storage checks — all before any trial starts."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from hescape.config import ConfigError, StudyConfig, TrainConfig
+
+MIN_FREE_BYTES = 512 * 1024**2
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial reserves: the trial process itself plus its Train worker group."""
+
+    trial: dict[str, float]
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    in_process: bool
+
+    @property
+    def total_cpu(self) -> float:
+        extra = 0.0 if self.in_process else self.workers * self.cpus_per_worker
+        return self.trial.get("CPU", 0.0) + extra
+
+    @property
+    def total_gpu(self) -> float:
+        extra = 0.0 if self.in_process else self.workers * self.gpus_per_worker
+        return self.trial.get("GPU", 0.0) + extra
+
+
+def runs_in_process(train: TrainConfig) -> bool:
+    """One CPU worker runs the loop inside the trial process (no worker-group start-up)."""
+    return train.in_process and train.num_workers == 1 and not train.use_gpu
+
+
+def trial_resources(cfg: StudyConfig) -> TrialResources:
+    t = cfg.train
+    gpus = 1.0 if t.use_gpu else 0.0
+    if runs_in_process(t):
+        return TrialResources({"CPU": t.cpus_per_worker}, 1, t.cpus_per_worker, 0.0, True)
+    # The trial process only drives the worker group; it needs (almost) nothing itself.
+    return TrialResources({"CPU": 0.0}, t.num_workers, t.cpus_per_worker, gpus, False)
+
+
+def max_concurrent_trials(
+    res: TrialResources, cluster: dict[str, float], user_cap: int | None, source: str
+) -> int:
+    """How many trials fit at once; an error if not even one fits."""
+    cpu, gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if res.total_cpu > cpu + 1e-9 or res.total_gpu > gpu + 1e-9:
+        raise ConfigError(
+            f"{source}: one trial needs {res.total_cpu:g} CPU and {res.total_gpu:g} GPU "
+            f"(train.num_workers={res.workers}, train.cpus_per_worker={res.cpus_per_worker:g}, "
+            f"train.use_gpu={res.gpus_per_worker > 0}) but the Ray cluster has {cpu:g} CPU and "
+            f"{gpu:g} GPU. Lower train.num_workers/cpus_per_worker, or add nodes."
+        )
+    fits = math.floor((cpu + 1e-9) / res.total_cpu) if res.total_cpu > 0 else 10**6
+    if res.total_gpu > 0:
+        fits = min(fits, math.floor((gpu + 1e-9) / res.total_gpu))
+    fits = max(1, fits)
+    return min(fits, user_cap) if user_cap else fits
+
+
+def check_storage(path: Path, *, min_free: int = MIN_FREE_BYTES) -> None:
+    """Fail early with a clear message if ``path`` is not writable or nearly full."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"storage_dir {path}: not writable ({exc.strerror or exc}). "
+            "Set storage_dir (or --set storage_dir=...) to a writable directory."
+        ) from None
+    free = shutil.disk_usage(path).free
+    if free < min_free:
+        raise ConfigError(
+            f"storage_dir {path}: only {free / 1024**2:.0f} MiB free; a study needs at least "
+            f"{min_free / 1024**2:.0f} MiB for checkpoints, caches and the MLflow store."
+        )
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """The current git commit (with ``-dirty`` when the tree has changes), or 'unknown'."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, env=env,
+            timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+            capture_output=True, text=True, env=env, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
