@@ -12,6 +12,8 @@ here reads environment variables. Local batches must have equal sizes (``drop_la
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,12 +21,35 @@ from torch import Tensor, nn
 from hescape.config import LossConfig
 
 
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
+
+    Backward uses ``all_reduce`` (supported by gloo and NCCL) and keeps this rank's rows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, world_size: int) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None
+
+
 def gather_with_grad(x: Tensor, world_size: int) -> Tensor:
     """Concatenate ``x`` from all ranks (rank order) along dim 0; gradients flow back."""
     if world_size <= 1:
         return x
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     if not dist.is_initialized():
         raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised")
@@ -35,7 +60,7 @@ def gather_with_grad(x: Tensor, world_size: int) -> Tensor:
             f"local batch sizes differ across workers ({[int(s) for s in sizes]}); "
             "use drop_last=True so every worker sees the same batch size"
         )
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _AllGather.apply(x, world_size)
 
 
 class ClipLoss(nn.Module):

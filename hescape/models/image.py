@@ -226,7 +226,7 @@ class ImageEncoder(nn.Module):
         self, images: np.ndarray | Tensor, device: torch.device | str | None = None
     ) -> Tensor:
         """uint8 ``N x H x W x 3`` -> float ``N x 3 x S x S``: resize (antialias), scale, normalise."""
-        x = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
+        x = images if isinstance(images, Tensor) else torch.from_numpy(np.array(images))
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(
                 f"expected uint8 N x H x W x 3 patches, got {tuple(x.shape)} {x.dtype}"

