@@ -140,17 +140,22 @@ def label_probe(
 def donor_folds(
     group_donors: np.ndarray, group_labels: np.ndarray, cv_folds: int, seed: int = 0
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """CV folds over groups (slides/donors), grouped by donor: leave-one-donor-out when
-    there are at most ``cv_folds`` donors, else stratified group k-fold (seeded)."""
-    n_donors = len(np.unique(group_donors))
+    """CV folds over groups (slides/donors), grouped by donor.
+
+    Stratified group k-fold (seeded) with ``min(cv_folds, smallest class)`` splits when there
+    are more than ``cv_folds`` donors and that is >= 2; otherwise leave-one-donor-out.
+    """
+    donors, labels = np.asarray(group_donors), np.asarray(group_labels)
+    n_donors = len(np.unique(donors))
     if n_donors < 2:
         raise ValueError(f"mutation probe needs >= 2 donors for grouped CV, got {n_donors}")
-    x = np.zeros((len(group_donors), 1))
-    if n_donors <= cv_folds:
-        splitter = LeaveOneGroupOut().split(x, group_labels, group_donors)
+    x = np.zeros((len(donors), 1))
+    n_splits = min(cv_folds, int(np.unique(labels, return_counts=True)[1].min()))
+    if n_donors <= cv_folds or n_splits < 2:
+        splitter = LeaveOneGroupOut().split(x, labels, donors)
     else:
-        cv = StratifiedGroupKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
-        splitter = cv.split(x, group_labels, group_donors)
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        splitter = cv.split(x, labels, donors)
     return [(np.asarray(tr), np.asarray(te)) for tr, te in splitter]
 
 
