@@ -28,11 +28,11 @@ from hescape.data.validate import validate_adata, validate_patches
 
 FORMAT_VERSION = 1
 EXPRESSION, PATCHES, MANIFEST = "expression.h5ad", "patches.npy", "manifest.json"
-RESERVED_OBS = {"donor", "slide"}
+RESERVED_OBS = {"donor", "slide", "barcode"}
 
 
 def label_columns(adata: AnnData) -> list[str]:
-    """Obs columns other than donor/slide (state, mutation, tissue, ...)."""
+    """Obs columns other than donor/slide/barcode (state, mutation, tissue, ...)."""
     return [str(c) for c in adata.obs.columns if c not in RESERVED_OBS]
 
 
