@@ -1,0 +1,194 @@
+"""Evaluate a trained checkpoint on a canonical dataset (what ``hescape evaluate`` runs).
+
+The dataset may be the training one or another cohort; its own manifest split decides
+which rows fit the probes (``train``) and which are scored (``test_part``). The checkpoint's
+expression preprocessing is re-applied to the dataset (same variant, through the
+preprocessing cache) and must yield the checkpoint's feature names. Image-only datasets
+(no counts) get image embeddings and the image-side probes (mutation, label, mixing).
+The frozen-image baseline is the checkpoint's image encoder as configured before
+contrastive training (its pretrained weights, or the fixed-seed random init).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hescape.config import EvalConfig, StudyConfig
+from hescape.evaluate.pipeline import evaluate_embeddings
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+CHUNK = 4096  # rows per progress-bar step
+
+
+def resolve_checkpoint(ref: str, *, tracking_uri: str | None = None) -> Path:
+    """A checkpoint directory, or an MLflow run id whose ``hescape.best_checkpoint`` tag
+    (or ``checkpoint`` artifact folder) holds one."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if not RUN_ID.match(ref):
+        raise FileNotFoundError(f"{ref}: neither a checkpoint directory nor an MLflow run id")
+    from mlflow.tracking import MlflowClient
+
+    from hescape.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, "runs")
+    run = MlflowClient(uri).get_run(ref)
+    tagged = run.data.tags.get("hescape.best_checkpoint")
+    if tagged and Path(tagged).is_dir():
+        return Path(tagged)
+    import mlflow.artifacts
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=ref, artifact_path="checkpoint", tracking_uri=uri
+        )
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types; re-raise one clear error
+        raise FileNotFoundError(
+            f"run {ref} ({uri}): best checkpoint {tagged!r} is not on this machine and the run "
+            f"has no 'checkpoint' artifact ({exc})"
+        ) from None
+    return Path(local)
+
+
+class _Rows:
+    """Row-selected view of a (memmapped) patch store, read slice by slice."""
+
+    def __init__(self, patches: Any, rows: np.ndarray) -> None:
+        self.patches, self.rows = patches, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return np.asarray(self.patches[self.rows[sl]])
+
+
+def embed_rows(model, paired, rows, *, gene_x, stain, device, batch_size, progress) -> dict:
+    """Unit-norm ``img`` (and ``gene`` with expression) embeddings of ``rows``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from hescape.train.dataset import images_to_input
+    from hescape.train.embed import compute_embeddings
+
+    img, gene = [], []
+    for start in tqdm(range(0, len(rows), CHUNK), desc="embed", disable=not progress):
+        part = rows[start : start + CHUNK]
+        if gene_x is not None:
+            e = compute_embeddings(model, gene_x=gene_x, images=paired.patches, rows=part,
+                                   batch_size=batch_size, device=device, stain=stain)  # fmt: skip
+            img.append(e["img"])
+            gene.append(e["gene"])
+            continue
+        with torch.no_grad():
+            for s in range(0, len(part), batch_size):
+                x = images_to_input(np.asarray(paired.patches[part[s : s + batch_size]]),
+                                    model.image_encoder, stain=stain)  # fmt: skip
+                img.append(model.encode_image(x.to(device)).float().cpu().numpy())
+    return {"img": np.concatenate(img), "gene": np.concatenate(gene) if gene else None}
+
+
+def frozen_features(cfg: StudyConfig, paired, rows, *, stain, device, batch_size, progress):
+    """Features of the pre-contrastive image encoder, or None (warned) if it cannot be built."""
+    from hescape.train.features import encode_patches, frozen_image_encoder
+
+    try:
+        encoder = frozen_image_encoder(cfg)
+    except (OSError, ValueError, RuntimeError) as exc:
+        warnings.warn(f"frozen-image baseline skipped: {exc}", UserWarning, stacklevel=2)
+        return None
+    return encode_patches(encoder, _Rows(paired.patches, rows), batch_size=batch_size,
+                          device=device, stain=stain, progress=progress)  # fmt: skip
+
+
+def _expression(cfg: StudyConfig, meta: dict, paired) -> tuple[Any, Any, list[str] | None]:
+    """(model input, log-normalised expression, gene names), or Nones for image-only data."""
+    if not paired.manifest.get("has_expression", True) or paired.adata.n_vars == 0:
+        return None, None, None
+    from hescape.preprocess import normalize_log1p
+    from hescape.train.inputs import prepare_expression
+
+    prepared = prepare_expression(cfg, paired, progress=False)
+    want = meta.get("feature_names")
+    if want is not None and list(prepared.feature_names) != list(want):
+        raise ValueError(
+            "the dataset's prepared expression features differ from the checkpoint's "
+            f"({len(prepared.feature_names)} vs {len(want)}): different gene panel or preprocessing"
+        )
+    return prepared.X, normalize_log1p(paired.adata), list(map(str, paired.adata.var_names))
+
+
+def eval_config(base: EvalConfig, overrides: list[str]) -> EvalConfig:
+    """``base`` with ``key=value`` overrides (an ``eval.`` prefix is optional), validated."""
+    from pydantic import ValidationError
+
+    from hescape.config import ConfigError, apply_override
+
+    data = base.model_dump()
+    for item in overrides:
+        data = apply_override(data, item.removeprefix("eval."))
+    try:
+        return EvalConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"--set: invalid eval setting: {exc.errors()[0]['msg']} "
+            f"({'.'.join(map(str, exc.errors()[0]['loc']))})"
+        ) from None
+
+
+def evaluate_checkpoint(
+    ckpt_dir: str | Path,
+    dataset: str | Path,
+    *,
+    out_dir: str | Path,
+    test_part: str = "test",
+    eval_overrides: list[str] | None = None,
+    label_key: str | None = None,
+    mutation_key: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 256,
+    progress: bool = True,
+) -> tuple[dict[str, float], dict[str, Path]]:
+    """Embed ``train`` + ``test_part`` rows of ``dataset`` with the checkpoint's model and run
+    ``evaluate_embeddings``; also writes ``metrics.json`` into ``out_dir``.
+
+    ``eval_overrides``: ``key=value`` strings applied to the checkpoint's ``eval`` section
+    (``ks=[1,5]``, ``eval.baselines=false``).
+    """
+    from hescape.data import load_paired
+    from hescape.train.checkpoint import load_model
+    from hescape.train.inputs import fit_stain
+
+    model, cfg, meta = load_model(ckpt_dir)
+    model = model.to(device)
+    paired = load_paired(dataset, require_expression=False)
+    train, test = paired.indices("train"), paired.indices(test_part)
+    if not len(train) or not len(test):
+        raise ValueError(f"{dataset}: split needs train and {test_part!r} donors ({paired.split})")
+    rows = np.union1d(train, test)
+    gene_x, expr_log, gene_names = _expression(cfg, meta, paired)
+    stain = fit_stain(cfg, paired)
+    kw = dict(stain=stain, device=device, batch_size=batch_size, progress=progress)
+    emb = embed_rows(model, paired, rows, gene_x=gene_x, **kw)
+    ecfg = eval_config(cfg.eval, eval_overrides or [])
+    obs = paired.adata.obs.iloc[rows]
+    metrics, arts = evaluate_embeddings(
+        img=emb["img"], gene=emb["gene"], obs=obs,
+        train_idx=np.searchsorted(rows, train), test_idx=np.searchsorted(rows, test),
+        expr_log=None if expr_log is None else expr_log[rows], gene_names=gene_names, cfg=ecfg,
+        label_key=label_key or cfg.data.label_key,
+        mutation_key=mutation_key or cfg.data.mutation_key,
+        out_dir=out_dir, batch_key=cfg.data.batch_key, split=test_part, progress=progress,
+        baseline_features=frozen_features(cfg, paired, rows, **kw) if ecfg.baselines else None,
+    )  # fmt: skip
+    path = Path(out_dir) / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=1, sort_keys=True, allow_nan=True))
+    arts["metrics"] = path
+    return metrics, arts
