@@ -1,0 +1,36 @@
+"""Training: dataset, frozen-feature cache, checkpoints, the per-worker loop, ``fit``.
+
+Public names are imported lazily (``import hescape.train`` does not pull in torch/timm/ray).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "fit": "fit",
+    "FitResult": "fit",
+    "runs_in_process": "fit",
+    "train_loop_per_worker": "loop",
+    "TrainingError": "loop",
+    "get_lr": "schedule",
+    "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "load_model": "checkpoint",
+    "list_checkpoints": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "compute_embeddings": "embed",
+    "embed_split": "embed",
+    "cached_features": "features",
+    "use_feature_cache": "features",
+    "prepare_inputs": "inputs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hescape.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"hescape.train.{_EXPORTS[name]}"), name)

@@ -1,0 +1,237 @@
+"""The per-worker training loop (Ray Train worker or in-process), readable top to bottom.
+
+``train_loop_per_worker(config)`` gets plain data: ``config["cfg"]`` (StudyConfig dump) and
+the paths the driver prepared (``data_path``, ``prepared_path``, ``features_path``); it
+never recomputes preprocessing. Rank and world size come from the session
+(``ray.train.get_context()`` or the in-process shim).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hescape.config import StudyConfig
+from hescape.losses import create_loss
+from hescape.models import adversary_weight, build_model, donor_loss, param_groups
+from hescape.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from hescape.train.features import frozen_image_encoder
+from hescape.train.inputs import TrainInputs, load_train_inputs, make_train_loader
+from hescape.train.schedule import get_lr
+from hescape.train.session import current_session
+from hescape.train.validate import RunningMeans, validate
+
+
+class TrainingError(ValueError):
+    """Training cannot continue (non-finite loss, empty training set, ...)."""
+
+
+@dataclass
+class TrainState:
+    """What besides weights and optimiser a resumed run needs."""
+
+    step: int = 0
+    best: float | None = None
+    bad_evals: int = 0
+
+    def update(self, value: float, mode: str) -> bool:
+        """Record an evaluation; True if it is the best so far."""
+        better = math.isfinite(value) and (
+            self.best is None or (value > self.best if mode == "max" else value < self.best))
+        if better:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        return better
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train a TwoTower: AdamW + warmup/cosine, eval every k steps, checkpoint, report."""
+    cfg = StudyConfig.model_validate(config["cfg"])
+    tc = cfg.train
+    session = current_session()
+    rank, world = session.world_rank, session.world_size
+    device = session.device(tc.use_gpu)
+    bf16 = device.type == "cuda" and tc.precision != "fp32"
+    channels_last = device.type == "cuda" and tc.channels_last
+    verbose = bool(config.get("verbose", True)) and rank == 0
+
+    # ---- inputs prepared by the driver (paths only)
+    data = load_train_inputs(config, cfg)
+
+    # ---- model and optimiser (same init on every rank, then per-rank RNG)
+    seed_everything(tc.seed)
+    model = build_model(cfg.model, cfg.loss, gene_in_dim=data.gene_in_dim,
+                        n_donors=data.n_donors, feature_names=data.feature_names)
+    if model.image_frozen and model.image_encoder.weights_path is None:
+        # random-init frozen encoder: the exact weights the feature cache used
+        model.image_encoder.load_state_dict(frozen_image_encoder(cfg).state_dict())
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    seed_everything(tc.seed + rank)
+    state = TrainState()
+
+    # ---- resume: this run's latest checkpoint (a restart), else an explicit resume dir
+    with session.resume_checkpoint() as found:
+        resume_dir = found or config.get("resume_from")
+        if resume_dir is not None:
+            state = restore(resume_dir, model, optimizer)
+            if verbose:
+                print(f"[train] resumed from {resume_dir} at step {state.step}", flush=True)
+
+    net = session.prepare_model(model)
+    if tc.compile:
+        net = torch.compile(net)
+    loss_fn = create_loss(cfg.loss, rank=rank, world_size=world)
+    loader, sampler = make_train_loader(cfg, data, encoder=model.image_encoder, rank=rank,
+                                        world_size=world, device=device)
+    batches = iterate_batches(loader, sampler, start_step=state.step)
+
+    running, t_last = RunningMeans(), time.perf_counter()
+    for step in range(state.step, tc.max_steps):
+        # ---- one optimisation step
+        lr = set_lr(optimizer, step, cfg)
+        adv = adversary_weight(step, cfg.model.adversary)
+        batch = to_device(next(batches), device, channels_last)
+        net.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = net(gene=batch["gene"], image=batch.get("image"),
+                      image_features=batch.get("feature"), adv_weight=adv)
+            contrastive = loss_fn(out["img_emb"], out["gene_emb"], out["logit_scale"],
+                                  out["logit_bias"])
+            adv_loss = donor_loss(out["donor_logits"], batch["donor"])
+            loss = contrastive + adv_loss
+        check_finite(loss, step, contrastive, adv_loss, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        running.add(out, batch["donor"], loss=loss, contrastive=contrastive, adv=adv_loss)
+
+        # ---- evaluate, checkpoint (rank 0 writes), report (every rank)
+        done = step + 1 == tc.max_steps
+        if (step + 1) % tc.eval_every != 0 and not done:
+            continue
+        elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
+        metrics = {"step": step + 1, "epoch": (step + 1) / sampler.batches_per_epoch(),
+                   "train/lr": lr, "train/adv_weight": adv,
+                   "train/steps_per_s": running.count / max(elapsed, 1e-9),
+                   **running.means(), **validate(model, data, cfg, device=device)}
+        t_eval = time.perf_counter()
+        running = RunningMeans()
+        is_best = state.update(float(metrics.get(tc.best_metric, math.nan)), tc.best_mode)
+        state.step = step + 1
+        stop = tc.early_stop_patience is not None and state.bad_evals >= tc.early_stop_patience
+        metrics.update({"best": float("nan") if state.best is None else state.best,
+                        "is_best": float(is_best), "early_stopped": float(stop and not done)})
+        ckpt = None
+        if rank == 0:
+            ckpt = save_checkpoint(
+                session.staging_dir() / f"checkpoint_{state.step:07d}", model=model, cfg=cfg,
+                meta=checkpoint_meta(data, state.step, metrics), train_state=train_state(
+                    optimizer, state))
+        if verbose:
+            print(format_progress(metrics, tc.best_metric), flush=True)
+        session.report(metrics, ckpt)
+        t_last += time.perf_counter() - t_eval  # steps/s counts training time only
+        if stop:
+            if verbose:
+                print(f"[train] early stop: no {tc.best_metric} improvement in "
+                      f"{state.bad_evals} evaluations", flush=True)
+            break
+
+
+# --------------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: StudyConfig) -> float:
+    """Apply the warmup + cosine learning rate of ``step`` to every group."""
+    tc = cfg.train
+    lr = get_lr(step, base_lr=tc.lr, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def iterate_batches(loader, sampler, *, start_step: int):
+    """Endless batches, epoch after epoch; starts where ``start_step`` left off."""
+    per_epoch = sampler.batches_per_epoch()
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        sampler.set_position(epoch, skip)
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device,
+              channels_last: bool) -> dict[str, torch.Tensor]:
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if channels_last and "image" in out:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def check_finite(loss: torch.Tensor, step: int, contrastive: torch.Tensor,
+                 adv: torch.Tensor, lr: float) -> None:
+    """Stop with a clear error on a NaN/inf loss (before it poisons the weights)."""
+    if not torch.isfinite(loss.detach()).item():
+        raise TrainingError(
+            f"non-finite loss at step {step} (contrastive={float(contrastive):.4g}, "
+            f"adversary={float(adv):.4g}, lr={lr:.3g}); lower train.lr, enable train.grad_clip, "
+            "use precision: fp32, or check the inputs for NaN (preprocessed expression)")
+
+
+def train_state(optimizer: torch.optim.Optimizer, state: TrainState) -> dict[str, Any]:
+    """The optim.pt payload (weights_only-loadable)."""
+    return {"optimizer": optimizer.state_dict(),
+            "scheduler": {"name": "warmup_cosine", "step": state.step},
+            "step": state.step, "rng": get_rng_state(),
+            "best": state.best, "bad_evals": state.bad_evals}
+
+
+def restore(ckpt_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Load weights, optimiser, RNG and counters from a checkpoint directory."""
+    loaded = load_checkpoint(ckpt_dir)
+    model.load_state_dict(loaded.model_state)
+    ts = loaded.train_state or {}
+    if "optimizer" not in ts:
+        raise TrainingError(f"{loaded.path}: no optimiser state; cannot resume training from it")
+    optimizer.load_state_dict(ts["optimizer"])
+    set_rng_state(ts["rng"])
+    return TrainState(step=int(ts["step"]), best=ts.get("best"), bad_evals=int(ts["bad_evals"]))
+
+
+def checkpoint_meta(data: TrainInputs, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """meta.json: what rebuilding and evaluating the model needs."""
+    return {"step": step, "gene_in_dim": data.gene_in_dim, "n_donors": data.n_donors,
+            "donor_names": data.train_donors, "feature_names": data.feature_names,
+            "preprocess_cache_key": data.prep_key, "data_path": str(data.paired.path),
+            "fingerprint": data.paired.fingerprint, "features_path": data.features_path,
+            "metrics": {k: float(v) for k, v in metrics.items()}}
+
+
+def format_progress(metrics: dict[str, Any], best_metric: str) -> str:
+    """One progress line: step, losses, the best-metric value, lr."""
+    keys = ["train/loss", "val/loss", "val/r5_img2gene", best_metric, "val/donor_acc_gene"]
+    parts = [f"step {metrics['step']}"]
+    for key in dict.fromkeys(keys):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4f}")
+    parts.append(f"lr {metrics['train/lr']:.2e}")
+    return "[train] " + " | ".join(parts)
