@@ -97,7 +97,8 @@ def retrieval_expression_probe(
 
 
 # --------------------------------------------------------------------------- labels
-def _present(labels: Sequence | np.ndarray) -> np.ndarray:
+def present(labels: Sequence | np.ndarray) -> np.ndarray:
+    """Boolean mask of non-missing labels (None, NaN and "" are missing)."""
     s = pd.Series(np.asarray(labels, dtype=object))
     return (s.notna() & (s.astype(str) != "")).to_numpy()
 
@@ -115,7 +116,7 @@ def label_probe(
     Returns ``label_balanced_accuracy``, ``label_macro_f1``, ``label_n_classes`` and
     ``label_n_test``. Rows with a missing label are dropped.
     """
-    tr, te = _present(train_labels), _present(test_labels)
+    tr, te = present(train_labels), present(test_labels)
     y_tr = np.asarray(train_labels, dtype=object)[tr].astype(str)
     y_te = np.asarray(test_labels, dtype=object)[te].astype(str)
     if len(np.unique(y_tr)) < 2:
@@ -170,7 +171,7 @@ def _groups(emb: np.ndarray, group_ids, labels, donors) -> dict:
     )
     if not (len(frame) == len(emb)):
         raise ValueError(f"mutation probe: {len(emb)} embedding rows but {len(frame)} ids")
-    frame = frame[_present(frame["label"])]
+    frame = frame[present(frame["label"])]
     frame["label"] = frame["label"].astype(str)
     per = frame.groupby("group", sort=True).agg(
         label=("label", "nunique"), donor=("donor", "nunique")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from hescape.config import EvalConfig
-from hescape.evaluate.probes import expression_probe, label_probe, mutation_probe
+from hescape.evaluate.probes import expression_probe, label_probe, mutation_probe, present
 
 MUTATION_CV_FOLDS = 5
 
@@ -95,19 +95,29 @@ def run_mutation(feats: np.ndarray, data: EvalData) -> dict[str, float]:
 
 
 def run_mixing(feats: np.ndarray, data: EvalData) -> dict[str, float]:
-    """Batch-mixing (+ bio conservation with a label column) on the held-out rows."""
+    """Batch-mixing (+ bio conservation with a label column) on the held-out rows.
+
+    With a label column, rows without a label are left out (``subsample_n`` records the
+    count); too few rows for the neighbourhood metrics skip them with a warning.
+    """
     from hescape.evaluate.mixing import mixing_metrics
 
     te = data.test_idx
-    if len(te) < 3:
+    labels = data.column(data.label_key, te)
+    if labels is not None:
+        keep = present(labels)
+        te, labels = te[keep], labels[keep]
+    try:
+        return mixing_metrics(
+            feats[te],
+            data.obs[data.batch_key].to_numpy()[te],
+            labels,
+            subsample=data.cfg.mixing_subsample,
+            seed=data.cfg.seed,
+        )
+    except ValueError as exc:
+        warnings.warn(f"mixing metrics skipped: {exc}", UserWarning, stacklevel=2)
         return {}
-    return mixing_metrics(
-        feats[te],
-        data.obs[data.batch_key].to_numpy()[te],
-        data.column(data.label_key, te),
-        subsample=data.cfg.mixing_subsample,
-        seed=data.cfg.seed,
-    )
 
 
 def probe_suite(

@@ -90,3 +90,13 @@ def test_clear_errors(synthetic, tmp_path):
         _run(synthetic, tmp_path, test_idx=[10_000])
     with pytest.raises(ValueError, match="lacks column 'slide_x'"):
         _run(synthetic, tmp_path, batch_key="slide_x")
+
+
+def test_missing_labels_are_left_out_not_fatal(synthetic, tmp_path):
+    obs = synthetic["obs"].copy()
+    obs["state"] = obs["state"].astype(object)
+    obs.iloc[synthetic["test_idx"][:10], obs.columns.get_loc("state")] = None
+    cfg = CFG.model_copy(update={"plots": False, "baselines": False})
+    metrics, _ = _run(synthetic, tmp_path, obs=obs, cfg=cfg)
+    assert metrics["test/img_subsample_n"] == 70 and "test/img_nmi" in metrics
+    assert metrics["test/label_n_test"] == 70
