@@ -276,6 +276,26 @@ def test_sbatch_bind_opt_in_warns(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- MLflow recipe
 
 
+def _listen_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on ``port`` (from /proc/net/tcp{,6})."""
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            addr, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A = LISTEN
+                continue
+            if len(addr) == 8:  # IPv4, little-endian
+                found.add(".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+            else:
+                found.add("::" if set(addr) == {"0"} else addr)
+    return found
+
+
 def _serve(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HESCAPE_BIND_HOST"}
     return subprocess.run(["bash", str(INFRA / "mlflow" / "serve.sh")], capture_output=True,
@@ -306,7 +326,6 @@ def test_mlflow_serve_opt_in_and_password_warnings() -> None:
 @pytest.mark.timeout(300)
 def test_mlflow_serve_real_server_on_postgres(tmp_path: Path, postgres_server: PostgresServer) -> None:  # noqa: F811
     """serve.sh against a real PostgreSQL (password from a pgpass file, not the URI)."""
-    import psutil
     from mlflow.tracking import MlflowClient
 
     from hescape.tracking import log_metrics_retry
@@ -339,9 +358,7 @@ def test_mlflow_serve_real_server_on_postgres(tmp_path: Path, postgres_server: P
             assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.5)
         startup_s = time.perf_counter() - t0
-        listening = {c.laddr.ip for c in psutil.net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
-        assert listening == {"127.0.0.1"}, listening
+        assert _listen_addresses(port) == {"127.0.0.1"}
 
         client = MlflowClient(tracking_uri=url)
         exp = client.create_experiment("infra-serve")
