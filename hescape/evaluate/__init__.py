@@ -18,6 +18,7 @@ _EXPORTS = {
     "label_probe": "probes",
     "mixing_metrics": "mixing",
     "evaluate_embeddings": "pipeline",
+    "evaluate_checkpoint": "checkpoint_eval",
 }
 
 __all__ = sorted(_EXPORTS)

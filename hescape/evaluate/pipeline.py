@@ -161,6 +161,9 @@ def _tables(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 def _plots(out: Path, embs: dict, data: EvalData, ranks, tables, comparison) -> dict[str, Path]:
     te, seed = data.test_idx, data.cfg.seed
+    if len(te) > data.cfg.mixing_subsample:  # layouts of a seeded subsample keep UMAP cheap
+        rng = np.random.default_rng(seed)
+        te = np.sort(rng.choice(te, data.cfg.mixing_subsample, replace=False))
     arts: dict[str, Path] = {}
     for name, emb in embs.items():
         if emb is None or len(te) < 3:
