@@ -48,7 +48,7 @@ def _loss_and_grads(name: str, rank: int, world: int, x_img, x_gene):
     return loss.detach(), {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
 
 
-def _worker(rank: int, port: int, name: str, queue) -> None:
+def _worker(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -58,30 +58,31 @@ def _worker(rank: int, port: int, name: str, queue) -> None:
     try:
         x_img, x_gene = _data()
         part = slice(rank * LOCAL, (rank + 1) * LOCAL)
-        loss, grads = _loss_and_grads(name, rank, WORLD, x_img[part], x_gene[part])
-        for g in grads.values():  # what DDP does: average parameter gradients over workers
-            dist.all_reduce(g)
-            g /= WORLD
-        dist.all_reduce(loss)
-        queue.put((rank, (loss / WORLD).item(), {k: v.numpy() for k, v in grads.items()}))
+        for name in ("clip", "siglip"):
+            loss, grads = _loss_and_grads(name, rank, WORLD, x_img[part], x_gene[part])
+            for g in grads.values():  # what DDP does: average parameter gradients over workers
+                dist.all_reduce(g)
+                g /= WORLD
+            dist.all_reduce(loss)
+            queue.put((name, (loss / WORLD).item(), {k: v.numpy() for k, v in grads.items()}))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip"])
-def test_two_gloo_workers_match_one_process(name: str) -> None:
+def test_two_gloo_workers_match_one_process() -> None:
+    """Loss and DDP-averaged gradients of 2 workers == 1 process on the concatenated batch."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(
-        _worker, args=(_free_port(), name, queue), nprocs=WORLD, join=True, start_method="spawn"
+        _worker, args=(_free_port(), queue), nprocs=WORLD, join=True, start_method="spawn"
     )
-    results = [queue.get() for _ in range(WORLD)]
+    results = [queue.get() for _ in range(2 * WORLD)]
+    assert sorted(r[0] for r in results) == ["clip", "clip", "siglip", "siglip"]
     x_img, x_gene = _data()
-    ref_loss, ref_grads = _loss_and_grads(name, 0, 1, x_img, x_gene)
-    assert set(ref_grads) == set(results[0][2])
-    for _rank, loss, grads in results:
+    for name, loss, grads in results:
+        ref_loss, ref_grads = _loss_and_grads(name, 0, 1, x_img, x_gene)
+        assert set(ref_grads) == set(grads) and ("logit_bias" in grads) == (name == "siglip")
         assert loss == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
         for key, ref in ref_grads.items():
             torch.testing.assert_close(torch.from_numpy(grads[key]), ref, rtol=1e-4, atol=1e-6)

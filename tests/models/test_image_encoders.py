@@ -157,3 +157,26 @@ def test_effnet_lite0_real_weights_map_exactly_and_classify() -> None:
     torch.testing.assert_close(feats, ref_feats, atol=1e-4, rtol=1e-4)
     assert enc.out_dim == 1280 and enc.mode == "frozen"
     assert timm.data.ImageNetInfo().index_to_description(int(logits.argmax())) == "military uniform"
+
+
+def test_preprocess_scales_normalises_and_resizes() -> None:
+    enc = create_image_encoder(ImageEncoderConfig(name="efficientnet_lite0", image_size=64))
+    white = np.full((1, 100, 100, 3), 255, np.uint8)
+    x = enc.preprocess_images(white)
+    assert x.shape == (1, 3, 64, 64)
+    torch.testing.assert_close(x, torch.ones_like(x))  # (1 - 0.5) / 0.5
+    with pytest.raises(ValueError, match="uint8"):
+        enc.preprocess_images(np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_last_n_trains_only_last_blocks_and_final_norm() -> None:
+    enc = create_image_encoder(
+        ImageEncoderConfig(name="vit_tiny_patch16_224", mode="last_n", last_n=2, image_size=32)
+    )
+    trainable = {n for n, p in enc.backbone.named_parameters() if p.requires_grad}
+    assert {
+        n.split(".")[0] + "." + n.split(".")[1] for n in trainable if n.startswith("blocks")
+    } == {"blocks.10", "blocks.11"}
+    assert "norm.weight" in trainable and "patch_embed.proj.weight" not in trainable
+    with pytest.raises(ValueError, match="last_n=99"):
+        create_image_encoder(ImageEncoderConfig(name="tiny_cnn", mode="last_n", last_n=99))
