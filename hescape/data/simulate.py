@@ -154,8 +154,9 @@ def simulate(out: str | Path, cfg: SimulateConfig | None = None, *,
     stains = [donor_stain(img_rng, cfg.stain_effect) for _ in range(cfg.n_donors)]
     with DatasetWriter(out, overwrite=overwrite) as writer:
         store = writer.allocate(adata.n_obs, cfg.patch_size)
-        for start in tqdm(range(0, adata.n_obs, CHUNK), desc="render", disable=not progress):
-            sl = slice(start, start + CHUNK)
+        chunk = max(16, int(CHUNK * (64 / cfg.patch_size) ** 2))  # bounded memory
+        for start in tqdm(range(0, adata.n_obs, chunk), desc="render", disable=not progress):
+            sl = slice(start, start + chunk)
             rng = np.random.default_rng([cfg.seed, 2, start])
             store[sl] = render_patches(states[sl], donor_idx[sl], mutated[donor_idx[sl]],
                                        size=cfg.patch_size, looks=looks, stains=stains, rng=rng)
