@@ -161,6 +161,8 @@ def _add_imports(sub) -> None:
     _common_out(p)
     p.set_defaults(func=_import_visium)
 
+
+def _add_hest_hescape(sub) -> None:
     p = sub.add_parser("import-hest", help="import HEST-1k samples (st/, patches/, metadata)")
     p.add_argument("--root", required=True, help="HEST directory with st/ and patches/")
     p.add_argument("--metadata", help="metadata CSV (id, patient, organ, oncotree_code)")
@@ -182,6 +184,8 @@ def _add_imports(sub) -> None:
     _common_out(p)
     p.set_defaults(func=_import_hescape)
 
+
+def _add_generic(sub) -> None:
     p = sub.add_parser("import", help="import an h5ad + patch array (or + an H&E image)")
     p.add_argument("--h5ad", required=True, help="AnnData with raw counts (X, or --counts-layer)")
     p.add_argument("--patches", help=".npy uint8 N x H x W x 3 in obs order")
@@ -209,6 +213,8 @@ def add_parser(sub) -> None:
     cmds = group.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     _add_simulate(cmds)
     _add_imports(cmds)
+    _add_hest_hescape(cmds)
+    _add_generic(cmds)
     p = cmds.add_parser("validate", help="load a dataset with every check; non-zero on error")
     p.add_argument("path", help="dataset directory")
     p.add_argument("--verify", action="store_true", help="also recompute the fingerprint")
