@@ -178,5 +178,8 @@ def make_train_loader(cfg: StudyConfig, data: TrainInputs, *, encoder: Any, rank
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
                         collate_fn=collate, num_workers=tc.loader_workers,
                         pin_memory=device.type == "cuda",
-                        persistent_workers=tc.loader_workers > 0)
+                        persistent_workers=tc.loader_workers > 0,
+                        # own generator: starting an epoch must not draw from the global RNG
+                        # (dropout), or a resumed run would diverge from an uninterrupted one
+                        generator=torch.Generator().manual_seed(tc.seed))
     return loader, sampler

@@ -192,8 +192,8 @@ def check_finite(loss: torch.Tensor, step: int, contrastive: torch.Tensor,
     """Stop with a clear error on a NaN/inf loss (before it poisons the weights)."""
     if not torch.isfinite(loss.detach()).item():
         raise TrainingError(
-            f"non-finite loss at step {step} (contrastive={float(contrastive):.4g}, "
-            f"adversary={float(adv):.4g}, lr={lr:.3g}); lower train.lr, enable train.grad_clip, "
+            f"non-finite loss at step {step} (contrastive={contrastive.item():.4g}, "
+            f"adversary={adv.item():.4g}, lr={lr:.3g}); lower train.lr, enable train.grad_clip, "
             "use precision: fp32, or check the inputs for NaN (preprocessed expression)")
 
 

@@ -23,9 +23,3 @@ def get_lr(
     coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_lr + coeff * (base_lr - min_lr)
 
-
-def ramp(step: int, warmup_steps: int) -> float:
-    """Linear ramp 0 -> 1 over ``warmup_steps`` (1 at once when ``warmup_steps`` is 0)."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, step / warmup_steps)
