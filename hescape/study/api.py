@@ -29,7 +29,6 @@ def describe_plan(cfg: StudyConfig, source: str) -> str:
     """What a study will do, checked without starting Ray (for ``--dry-run``)."""
     from hescape.study.driver import preflight
     from hescape.study.resources import trial_resources
-    from hescape.study.shared import dataset_path
     from hescape.study.space import count_trials, enumerate_sections
 
     preflight(cfg, source=source, resume=False, overwrite=False)
@@ -39,7 +38,7 @@ def describe_plan(cfg: StudyConfig, source: str) -> str:
         f"study {cfg.name}: {count_trials(cfg)} trial(s) in the search phase"
         + (f", then top-{cfg.sweep.seed_top_k} x {cfg.sweep.seeds - 1} extra seeds"
            if cfg.sweep and cfg.sweep.seeds > 1 and cfg.sweep.searcher != "grid" else ""),
-        f"data: {dataset_path(cfg)}",
+        f"data: {cfg.data.path or 'simulated (cached under <storage_dir>/cache/data)'}",
         f"per trial: {res.total_cpu:g} CPU, {res.total_gpu:g} GPU "
         f"({'in-process loop' if res.in_process else f'{res.workers} Ray Train workers'})",
         "preprocessing variants precomputed once: "

@@ -25,7 +25,7 @@ from hescape.study.resources import (
     max_concurrent_trials,
     trial_resources,
 )
-from hescape.study.shared import ensure_dataset, precompute, storage_root
+from hescape.study.shared import check_dataset_path, ensure_dataset, precompute, storage_root
 from hescape.study.space import validate_space
 from hescape.study.trial import SharedContext
 from hescape.study.tuner import build_tuner, phase_dir, restore_tuner, seed_points
@@ -56,6 +56,7 @@ def preflight(cfg: StudyConfig, *, source: str, resume: bool, overwrite: bool) -
             "one parameter (or remove the sweep block to run one trial)."
         )
     validate_space(cfg, source)
+    check_dataset_path(cfg)
     root = storage_root(cfg)
     check_storage(root)
     study_dir = study_dir_of(cfg)

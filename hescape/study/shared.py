@@ -10,8 +10,6 @@ first use inside a trial, through the same locked cache, so still only once.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,38 +21,21 @@ def storage_root(cfg: StudyConfig) -> Path:
     return Path(cfg.storage_dir).expanduser().resolve()
 
 
-def dataset_path(cfg: StudyConfig) -> Path:
-    """The dataset a study uses; for simulated data, where the simulation is stored."""
-    if cfg.data.path:
-        path = Path(cfg.data.path).expanduser().resolve()
-        if not path.exists():
-            raise FileNotFoundError(
-                f"data.path {path}: dataset not found. Import one with `hescape data import ...` "
-                "or set data.path: null to use the simulator."
-            )
-        return path
-    blob = json.dumps(
-        {"simulate": cfg.data.simulate.model_dump(), "split": cfg.data.split.model_dump()},
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return storage_root(cfg) / "data" / f"sim-{digest}"
+def check_dataset_path(cfg: StudyConfig) -> None:
+    """A configured dataset must exist (checked before Ray starts)."""
+    if cfg.data.path and not Path(cfg.data.path).expanduser().exists():
+        raise FileNotFoundError(
+            f"data.path {Path(cfg.data.path).expanduser().resolve()}: dataset not found. Import "
+            "one with `hescape data import ...` or set data.path: null to use the simulator."
+        )
 
 
 def ensure_dataset(cfg: StudyConfig, *, progress: bool = True) -> Path:
-    """Simulate the embedded default dataset if needed (atomic; safe to call repeatedly)."""
-    from filelock import FileLock
+    """The study's dataset; the simulator's output (made once, atomically) when path is null."""
+    from hescape.train.inputs import resolve_dataset
 
-    from hescape.data import simulate
-
-    path = dataset_path(cfg)
-    if cfg.data.path or (path / "manifest.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not (path / "manifest.json").exists():
-            simulate(path, cfg.data.simulate, split=cfg.data.split, progress=progress)
-    return path
+    check_dataset_path(cfg)
+    return resolve_dataset(cfg, progress=progress)
 
 
 def precompute(cfg: StudyConfig, paired: Any, *, progress: bool = True) -> dict[str, Any]:
@@ -77,12 +58,16 @@ def precompute(cfg: StudyConfig, paired: Any, *, progress: bool = True) -> dict[
              "cache_key": prepared.cache_key, "metrics": metrics}
         )
     images = enumerate_sections(cfg.sweep, base, "model.image") or []
+    stain_swept = cfg.sweep is not None and any(
+        k.startswith("preprocess.image") for k in cfg.sweep.params)
+    if stain_swept or cfg.preprocess.image.stain_norm != "none":
+        images = []  # stain-normalised features need the fitted normaliser: built in the trial
     for section in images:
-        if section.get("mode") != "frozen" or not cfg.train.feature_cache:
-            continue
-        from hescape.train.features import cached_features
+        from hescape.train.features import cached_features, use_feature_cache
 
         icfg = StudyConfig.model_validate({**base, "model": {**base["model"], "image": section}})
+        if not use_feature_cache(icfg):
+            continue
         path = cached_features(icfg, paired, progress=progress)
         out["features"].append({"encoder": section["name"], "path": str(path)})
     return out

@@ -83,9 +83,10 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
 
 
 def _trial_tags(shared: SharedContext, cfg: StudyConfig, params: dict[str, Any]) -> dict[str, str]:
-    from hescape.preprocess import describe_variant
+    from hescape.data import load_paired
+    from hescape.train.inputs import prepare_expression
 
-    variant = describe_variant(cfg.preprocess.expression)
+    prepared = prepare_expression(cfg, load_paired(cfg.data.path), progress=False)  # cached
     return {
         "hescape.config_id": config_id(params)[:4000],
         "hescape.sweep_params": json.dumps(params, sort_keys=True, default=str)[:4900],
@@ -94,8 +95,9 @@ def _trial_tags(shared: SharedContext, cfg: StudyConfig, params: dict[str, Any])
         "hescape.git_commit": shared.git_commit,
         "hescape.data_fingerprint": shared.data_fingerprint,
         "hescape.split": ";".join(f"{k}={','.join(v)}" for k, v in shared.split.items())[:4000],
-        "hescape.preprocess": variant["name"],
-        "hescape.preprocess_saw_heldout": str(variant["saw_heldout"]).lower(),
+        "hescape.preprocess": prepared.method,
+        "hescape.preprocess_key": prepared.cache_key,
+        "hescape.preprocess_saw_heldout": str(prepared.saw_heldout).lower(),
     }
 
 
@@ -106,7 +108,7 @@ def _train_and_evaluate(
     from ray.tune import Checkpoint
 
     from hescape.study.evaluation import evaluate_trial
-    from hescape.train import fit
+    from hescape.train.fit import fit
 
     lineage.log_params(ref, run_id, cfg.model_dump())
     lineage.log_json_artifact(ref, run_id, cfg.model_dump(), "resolved_config.json")

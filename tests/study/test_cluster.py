@@ -1,0 +1,123 @@
+"""A study submitted with `ray job submit` to a real local cluster; a trial spanning two nodes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    # Start Ray from the venv so its workers (and `python` in the job) find the package.
+    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+            "TQDM_DISABLE": "1", "RAY_DEDUP_LOGS": "0", "RAY_ADDRESS": ""}
+
+
+def _pids_under(temp_dir: str) -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in p.info["cmdline"] or []):
+                pids.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head` on 127.0.0.1 with its own temp dir; stopped afterwards by PID."""
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: unix socket path limit
+    port, dash = _free_port(), _free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    try:
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}",
+               "temp_dir": temp_dir}
+    finally:
+        for pid in _pids_under(temp_dir):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+        for pid in _pids_under(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_a_study(ray_head, tmp_path):
+    storage = tmp_path / "runs"
+    cmd = [str(BIN / "ray"), "job", "submit", f"--address={ray_head['dashboard']}",
+           "--working-dir", str(ROOT), "--",
+           "python", "study/run.py", "experiments/tiny.yaml", f"--set=storage_dir={storage}",
+           "--set=sweep.params.loss.name.values=[clip]"]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    assert "succeeded" in out.stdout.lower()
+    assert (storage / "tiny" / "report" / "report.md").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    statuses = sorted(r.info.status for r in runs)
+    assert statuses == ["FINISHED", "FINISHED"]  # parent + one trial
+
+
+def test_two_worker_trial_spans_two_nodes(tmp_path):
+    """Two 1-CPU nodes on this machine; a 2-worker (1 CPU each) trial must use both."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from hescape.config import load_config
+    from hescape.study.driver import run_study
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        cfg = load_config(ROOT / "experiments/tiny.yaml", [
+            f"storage_dir={tmp_path}", "train.num_workers=2", "train.in_process=false",
+            "sweep.params.loss.name.values=[clip]",
+        ])
+        result = run_study(cfg, source="tiny.yaml", progress=False)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(result.tracking_uri)
+        runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                  "tags.`hescape.role` = 'trial'")
+        assert [r.info.status for r in runs] == ["FINISHED"]
+        nodes = runs[0].data.tags.get("hescape.train_nodes", "")
+        assert len(set(nodes.split(","))) == 2, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -1,0 +1,130 @@
+"""End-to-end studies on a real local Ray and a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hescape.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "experiments" / "tiny.yaml"
+PY = sys.executable
+
+pytestmark = pytest.mark.slow
+
+
+def _children(storage: Path, study: str):
+    from mlflow.tracking import MlflowClient
+
+    from hescape.study.lineage import LineageRef, child_runs, find_parent
+
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    parent = find_parent(client, exp.experiment_id, study)
+    ref = LineageRef(uri, exp.experiment_id, parent, study)
+    return client, parent, child_runs(ref)
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_tiny_study_end_to_end(tmp_path, ray_local):
+    from hescape.study.driver import run_study
+
+    cfg = load_config(TINY, [f"storage_dir={tmp_path}"])
+    result = run_study(cfg, source=str(TINY), progress=False)
+    client, parent, children = _children(tmp_path, "tiny")
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert len(children) == 2  # grid: clip, siglip
+    names = set()
+    for run in children:
+        assert run.info.status == "FINISHED", run.data.tags.get("hescape.error")
+        tags, metrics = run.data.tags, run.data.metrics
+        assert tags["mlflow.parentRunId"] == parent
+        for key in ("ray.trial_id", "hescape.git_commit", "hescape.data_fingerprint",
+                    "hescape.split", "hescape.preprocess_saw_heldout", "hescape.best_checkpoint"):
+            assert tags.get(key), key
+        assert "test/r5_img2gene" in metrics and "test/inbatch64_r5_img2gene" not in metrics
+        assert any(k.startswith("test/inbatch16_") for k in metrics)
+        assert "val/r5_img2gene" in metrics
+        assert run.data.params["loss.name"] in ("clip", "siglip")
+        names.add(run.data.params["loss.name"])
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert len(history) >= 2  # metrics over steps
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "resolved_config.json" in arts
+    assert names == {"clip", "siglip"}
+    report = result.report_dir / "report.md"
+    assert report.exists() and "Leaderboard" in report.read_text()
+    assert "report" in {a.path for a in client.list_artifacts(parent)}
+    # a second start without --resume is refused (no silent resume of the old Tune run)
+    from hescape.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume"):
+        run_study(cfg, source=str(TINY), progress=False)
+
+
+def _count_finished(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            rows = con.execute(
+                "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+                "where t.key = 'hescape.role' and t.value = 'trial' and r.status = 'FINISHED'"
+            ).fetchone()
+        return int(rows[0])
+    except sqlite3.Error:
+        return 0
+
+
+def test_resume_after_driver_is_killed(tmp_path):
+    """Kill the driver (and its local Ray) after the first trial; --resume finishes the study."""
+    args = [PY, str(ROOT / "study/run.py"), str(TINY), f"--set=storage_dir={tmp_path}",
+            "--set=sweep.params.train.lr={type: choice, values: [0.001, 0.002, 0.003]}",
+            "--set=train.max_steps=30", "--set=train.eval_every=10", "--set=sweep.max_concurrent=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = tmp_path / "mlflow.db"
+    deadline = time.time() + 300
+    try:
+        while _count_finished(db) < 1:
+            assert proc.poll() is None, "driver exited before the first trial finished"
+            assert time.time() < deadline, "no trial finished within 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _, _, before = _children(tmp_path, "tiny")
+    finished_before = {r.data.tags["ray.trial_id"]: r.info.start_time
+                       for r in before if r.info.status == "FINISHED"}
+    assert finished_before
+    out = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, parent, after = _children(tmp_path, "tiny")
+    trial_ids = [r.data.tags["ray.trial_id"] for r in after]
+    assert len(trial_ids) == len(set(trial_ids)) == 6  # 2 losses x 3 lrs, one run per trial
+    assert all(r.info.status == "FINISHED" for r in after), [r.info.status for r in after]
+    for r in after:  # completed trials were not re-run
+        if r.data.tags["ray.trial_id"] in finished_before:
+            assert r.info.start_time == finished_before[r.data.tags["ray.trial_id"]]
+            assert r.data.tags.get("hescape.reattached") is None
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert "hescape.resumed_at" in client.get_run(parent).data.tags
