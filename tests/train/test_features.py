@@ -1,0 +1,87 @@
+"""Frozen-encoder feature cache: equals re-encoding, computed once under concurrency."""
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hescape.data import load_paired
+from hescape.train import features as features_mod
+from hescape.train.checkpoint import load_checkpoint
+from hescape.train.dataset import images_to_input
+from hescape.train.features import cached_features, frozen_image_encoder, use_feature_cache
+from hescape.train.fit import fit
+
+
+def test_cached_features_equal_the_encoder_on_preprocessed_patches(make_cfg, tiny_data):
+    cfg = make_cfg()
+    paired = load_paired(tiny_data)
+    path = cached_features(cfg, paired, progress=False)
+    assert path.parent == Path(cfg.storage_dir).resolve() / "cache" / "features"
+    feats = np.load(path)
+    enc = frozen_image_encoder(cfg).eval()
+    rows = np.arange(0, len(feats), 37)
+    with torch.no_grad():
+        direct = enc(images_to_input(paired.patches[rows], enc)).numpy()
+    np.testing.assert_allclose(feats[rows], direct, rtol=1e-5, atol=1e-6)
+    assert cached_features(cfg, paired, progress=False) == path  # second call: a cache hit
+
+
+def test_training_on_cached_features_matches_re_encoding(make_cfg, tmp_path):
+    cached_cfg = make_cfg(max_steps=30, eval_every=15)
+    reencode_cfg = make_cfg(max_steps=30, eval_every=15, feature_cache=False)
+    assert use_feature_cache(cached_cfg) and not use_feature_cache(reencode_cfg)
+    a = fit(cached_cfg, run_dir=tmp_path / "cached", verbose=False)
+    b = fit(reencode_cfg, run_dir=tmp_path / "reencode", verbose=False)
+    for key in ("train/loss", "val/loss", "val/mean_rank_img2gene", "val/r10_img2gene"):
+        assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-3, abs=1e-4), key
+    wa = load_checkpoint(a.best_checkpoint, with_train_state=False).model_state
+    wb = load_checkpoint(b.best_checkpoint, with_train_state=False).model_state
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4)
+
+
+def test_stain_augmentation_turns_the_cache_off(make_cfg):
+    cfg = make_cfg(extra={"preprocess": {"image": {"stain_augment": 0.05}}})
+    assert not use_feature_cache(cfg)
+
+
+def _slow_encode(*args, **kwargs):
+    with open(kwargs.pop("_log"), "a") as fh:
+        fh.write("computed\n")
+    time.sleep(1.0)
+    return _ORIGINAL(*args, **kwargs)
+
+
+_ORIGINAL = features_mod.encode_patches
+
+
+def _worker(cfg_json, data, log, out):
+    from hescape.config import StudyConfig
+
+    features_mod.encode_patches = lambda *a, **k: _slow_encode(*a, _log=log, **k)
+    path = cached_features(StudyConfig.model_validate_json(cfg_json), load_paired(data),
+                           progress=False)
+    out.put(str(path))
+
+
+def test_two_concurrent_requests_compute_once(make_cfg, tiny_data, tmp_path):
+    cfg = make_cfg()
+    log = tmp_path / "computed.log"
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(cfg.model_dump_json(), str(tiny_data), str(log),
+                                               out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    paths = {out.get(timeout=5), out.get(timeout=5)}
+    assert len(paths) == 1
+    assert log.read_text().count("computed") == 1
+    cache_dir = Path(paths.pop()).parent
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]  # no temp files
