@@ -81,7 +81,7 @@ def _smooth_noise(rng: np.random.Generator, n: int, size: int, grid: int) -> np.
 
 
 def _nuclei(rng, looks: list[StateLook], states: np.ndarray, size: int,
-            size_scale: np.ndarray) -> np.ndarray:
+            size_scale: np.ndarray, density_scale: np.ndarray) -> np.ndarray:
     """Haematoxylin concentration map of the nuclei, N x S x S in [0, ~1.3].
 
     A patch covers a fixed field of view, so the nuclei count does not depend on ``size``.
@@ -92,7 +92,7 @@ def _nuclei(rng, looks: list[StateLook], states: np.ndarray, size: int,
     work = min(max(size, 32), 64)
     scale = work / 32.0
     out = np.zeros((n, work, work), dtype=np.float32)
-    counts = rng.poisson(1.5 * np.array([looks[s].density for s in states]))
+    counts = rng.poisson(1.5 * np.array([looks[s].density for s in states]) * density_scale)
     rows = np.repeat(np.arange(n), counts)
     ys, xs = rng.integers(0, work, len(rows)), rng.integers(0, work, len(rows))
     np.add.at(out, (rows, ys, xs), 1.0)
@@ -122,14 +122,21 @@ def _lumen(rng, looks: list[StateLook], states: np.ndarray, size: int) -> np.nda
 
 def render_patches(states: np.ndarray, donor_idx: np.ndarray, mutated: np.ndarray, *,
                    size: int, looks: list[StateLook], stains: list[DonorStain],
-                   rng: np.random.Generator) -> np.ndarray:
-    """Render uint8 N x size x size x 3 patches for spots with these states/donors."""
+                   rng: np.random.Generator, factors: np.ndarray | None = None) -> np.ndarray:
+    """Render uint8 N x size x size x 3 patches for spots with these states/donors.
+
+    ``factors`` (N x >=2, continuous spot factors also driving expression) modulate nuclei
+    density (cellularity) and stroma eosin, so images carry spot-level signal beyond state.
+    """
     n = len(states)
+    if factors is None:
+        factors = np.zeros((n, 2), dtype=np.float32)
     size_scale = np.where(mutated, 1.12, 1.0)  # subtle morphology cue of the mutation
-    h = _nuclei(rng, looks, states, size, size_scale)
+    h = _nuclei(rng, looks, states, size, size_scale, np.exp(0.7 * factors[:, 0]))
     lumen = _lumen(rng, looks, states, size)
     fibres = _smooth_noise(rng, n, size, max(3, min(size, 64) // 6))
-    stroma = np.array([looks[s].stroma for s in states], dtype=np.float32)[:, None, None]
+    stroma = np.array([looks[s].stroma for s in states], dtype=np.float32)
+    stroma = (stroma * np.exp(0.5 * factors[:, 1]).astype(np.float32))[:, None, None]
     e = stroma * (0.55 + 0.9 * fibres) * (1.0 - lumen)
     h = h * (1.0 - 0.8 * lumen) + 0.04
     out = np.empty((n, size, size, 3), dtype=np.uint8)

@@ -24,6 +24,7 @@ from hescape.data.render import donor_stain, render_patches, state_looks
 SPOT_PITCH_UM = 100.0      # Visium centre-to-centre distance
 PATCH_UM = 100.0           # field of view of one patch
 RANK = 6
+N_CONTINUOUS = 2           # smooth per-spot factors seen by both modalities (cellularity, ...)
 CHUNK = 512
 
 
@@ -34,6 +35,7 @@ class Truth:
     base: np.ndarray          # G, log rate
     state_lfc: np.ndarray     # K x G
     mut_genes: np.ndarray     # indices of the mutation program
+    cont_lfc: np.ndarray      # C x G loadings of the continuous spot factors
 
 
 def _truth(cfg: SimulateConfig, rng: np.random.Generator) -> Truth:
@@ -41,7 +43,8 @@ def _truth(cfg: SimulateConfig, rng: np.random.Generator) -> Truth:
     base = rng.normal(1.0, 1.0, g)
     lfc = rng.normal(0, 1, (cfg.n_states, RANK)) @ rng.normal(0, 1.0 / np.sqrt(RANK), (RANK, g))
     mut = rng.choice(g, size=max(2, g // 12), replace=False)
-    return Truth(base=base, state_lfc=1.2 * lfc, mut_genes=np.sort(mut))
+    cont = rng.normal(0, 0.5, (N_CONTINUOUS, g))
+    return Truth(base=base, state_lfc=1.2 * lfc, mut_genes=np.sort(mut), cont_lfc=cont)
 
 
 def spot_grid(n: int) -> np.ndarray:
@@ -69,11 +72,11 @@ def _counts(mu: np.ndarray, rng: np.random.Generator, theta: float = 6.0) -> np.
 
 
 def _donor_expression(cfg: SimulateConfig, truth: Truth, weights: np.ndarray, mutated: bool,
-                      rng: np.random.Generator) -> np.ndarray:
-    """NB counts for one donor's spots from soft state weights (n x K)."""
+                      rng: np.random.Generator, cont: np.ndarray) -> np.ndarray:
+    """NB counts for one donor's spots from soft state weights (n x K) and factors (n x C)."""
     e = cfg.donor_effect
     n = len(weights)
-    log_mu = truth.base + weights @ truth.state_lfc
+    log_mu = truth.base + weights @ truth.state_lfc + cont @ truth.cont_lfc
     if mutated:
         log_mu[:, truth.mut_genes] += 1.0
     log_mu += e * rng.normal(0, 0.6, cfg.n_genes)              # per-gene donor factor
@@ -95,11 +98,12 @@ def _simulate_obs(cfg: SimulateConfig, rng: np.random.Generator):
     n_mut = int(np.clip(round(cfg.mutation_fraction * cfg.n_donors), 1, cfg.n_donors - 1))
     mutated = np.zeros(cfg.n_donors, dtype=bool)
     mutated[rng.choice(cfg.n_donors, n_mut, replace=False)] = True
-    rows, weights, coords = [], [], []
+    rows, weights, coords, conts = [], [], [], []
     for d, donor in enumerate(donors):
         for s, n in enumerate(_slide_layout(cfg)):
             xy = spot_grid(n)
             field = latent_field(xy, cfg.n_states, rng)
+            conts.append(latent_field(xy, N_CONTINUOUS, rng, length_um=200.0) / 2.0)
             state = field.argmax(1)
             w = np.exp(6.0 * (field - field.max(1, keepdims=True)))
             weights.append(w / w.sum(1, keepdims=True))
@@ -108,18 +112,19 @@ def _simulate_obs(cfg: SimulateConfig, rng: np.random.Generator):
                                       "state_idx": state, "spot": np.arange(n)}))
     obs = pd.concat(rows, ignore_index=True)
     obs["mutation"] = np.where(mutated[obs["donor_idx"]], "mut", "wt")
-    return obs, np.concatenate(weights), np.concatenate(coords), mutated
+    return obs, np.concatenate(weights), np.concatenate(coords), mutated, np.concatenate(conts)
 
 
 def simulate_expression(cfg: SimulateConfig) -> tuple[AnnData, np.ndarray]:
     """The expression half: AnnData of integer counts, and per-donor mutation flags."""
     rng = np.random.default_rng(cfg.seed)
     truth = _truth(cfg, rng)
-    obs, weights, coords, mutated = _simulate_obs(cfg, rng)
+    obs, weights, coords, mutated, cont = _simulate_obs(cfg, rng)
     blocks = []
     for d in range(cfg.n_donors):
         sel = np.flatnonzero(obs["donor_idx"].to_numpy() == d)
-        blocks.append(_donor_expression(cfg, truth, weights[sel], bool(mutated[d]), rng))
+        blocks.append(_donor_expression(cfg, truth, weights[sel], bool(mutated[d]), rng,
+                                        cont[sel]))
     counts = sp.csr_matrix(np.concatenate(blocks))
     names = [f"{sl}_{i:05d}" for sl, i in zip(obs["slide"], obs["spot"], strict=True)]
     adata = AnnData(
@@ -134,6 +139,7 @@ def simulate_expression(cfg: SimulateConfig) -> tuple[AnnData, np.ndarray]:
     adata.obsm["spatial"] = coords.astype(np.float32)
     adata.var["mutation_program"] = np.isin(np.arange(cfg.n_genes), truth.mut_genes)
     adata.obs["state_idx"] = obs["state_idx"].to_numpy()
+    adata.obsm["sim_factors"] = cont.astype(np.float32)  # continuous ground truth
     return adata, mutated
 
 
@@ -147,6 +153,7 @@ def simulate(out: str | Path, cfg: SimulateConfig | None = None, *,
     adata, mutated = simulate_expression(cfg)
     split_dict = resolve_split(adata, split or SplitConfig(), source="simulate")
     states = adata.obs.pop("state_idx").to_numpy()
+    factors = np.asarray(adata.obsm["sim_factors"], dtype=np.float32)
     donor_idx = adata.obs["donor"].cat.codes.to_numpy() if hasattr(
         adata.obs["donor"], "cat") else pd.factorize(adata.obs["donor"], sort=True)[0]
     img_rng = np.random.default_rng([cfg.seed, 1])
@@ -159,7 +166,8 @@ def simulate(out: str | Path, cfg: SimulateConfig | None = None, *,
             sl = slice(start, start + chunk)
             rng = np.random.default_rng([cfg.seed, 2, start])
             store[sl] = render_patches(states[sl], donor_idx[sl], mutated[donor_idx[sl]],
-                                       size=cfg.patch_size, looks=looks, stains=stains, rng=rng)
+                                       size=cfg.patch_size, looks=looks, stains=stains, rng=rng,
+                                       factors=factors[sl])
         return writer.commit(adata, split_dict, source="simulate", mpp=PATCH_UM / cfg.patch_size,
                              extra={"simulate": cfg.model_dump()})
 
