@@ -41,13 +41,21 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def define_by_run(sweep: SweepConfig, base: dict[str, Any]) -> Callable[[Any], dict[str, Any]]:
-    """An Optuna define-by-run function for ``OptunaSearch(space=...)``."""
+class DefineByRun:
+    """Optuna define-by-run space for ``OptunaSearch(space=...)``.
 
-    def space(trial: Any) -> dict[str, Any]:
+    A module-level class (not a closure) so Tune can pickle the searcher's state for resume.
+    """
+
+    def __init__(self, sweep: SweepConfig, base: dict[str, Any]) -> None:
+        self.params = {k: p.model_dump() for k, p in sweep.params.items()}
+        self.base = base
+
+    def __call__(self, trial: Any) -> None:
         sampled: dict[str, Any] = {}
-        for key, p in sweep.params.items():
-            if not _condition_holds(p, sampled, base):
+        for key, raw in self.params.items():
+            p = SweepParam.model_validate(raw)
+            if not _condition_holds(p, sampled, self.base):
                 continue
             if p.type == "choice":
                 sampled[key] = trial.suggest_categorical(key, p.values)
@@ -59,7 +67,10 @@ def define_by_run(sweep: SweepConfig, base: dict[str, Any]) -> Callable[[Any], d
                 sampled[key] = trial.suggest_int(key, int(p.low), int(p.high))
         return None  # OptunaSearch reads the suggested values from the trial
 
-    return space
+
+def define_by_run(sweep: SweepConfig, base: dict[str, Any]) -> Callable[[Any], None]:
+    """An Optuna define-by-run function (picklable) for ``OptunaSearch(space=...)``."""
+    return DefineByRun(sweep, base)
 
 
 def grid_points(sweep: SweepConfig, base: dict[str, Any]) -> list[dict[str, Any]]:

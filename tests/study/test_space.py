@@ -146,3 +146,15 @@ def test_unknown_key_and_override_errors_name_the_key(tmp_path):
         load_config(ROOT / "experiments/tiny.yaml", ["train.max_steps"])
     cfg = load_config(ROOT / "experiments/tiny.yaml", ["train.max_steps=9", "loss.name=siglip"])
     assert cfg.train.max_steps == 9 and cfg.loss.name == "siglip"
+
+
+def test_define_by_run_space_pickles():
+    """Tune pickles the searcher state for resume; a closure would fail there."""
+    import pickle
+
+    fn = define_by_run(_sweep(COND), StudyConfig().model_dump())
+    again = pickle.loads(pickle.dumps(fn))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    again(trial)
+    assert "loss.init_temperature" in trial.params
