@@ -161,7 +161,7 @@ def _markdown(cfg, rows, board, tables, front, shared_work, plots) -> str:
     n = {s: sum(r["status"] == s for r in rows) for s in ("FINISHED", "FAILED", "KILLED")}
     lines = [f"# Study `{cfg.name}`", "",
              f"Trials: {len(rows)} ({n['FINISHED']} finished, {n['FAILED']} failed, "
-             f"{n['KILLED']} stopped early).", "",
+             f"{n['KILLED']} stopped early by ASHA or interrupted).", "",
              "Retrieval figures (`r5_*`) are over the WHOLE held-out set; `inbatch64_*` is the "
              "HESCAPE-comparable in-batch figure (random batches of 64) and is not comparable "
              "with the whole-set one.", "", "## Leaderboard", ""]

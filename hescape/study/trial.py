@@ -74,6 +74,12 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
     run_id = lineage.open_child(ref, trial_id, name=name[:250], tags=_trial_tags(shared, cfg, params))
     try:
         result = _train_and_evaluate(cfg, ref, run_id, run_dir)
+    except SystemExit as exc:  # Tune stops a trial (ASHA) by exiting inside tune.report
+        if exc.code not in (0, None):
+            lineage.finish_run(ref, run_id, "FAILED", error=f"SystemExit: {exc.code}")
+            raise
+        lineage.finish_run(ref, run_id, "KILLED", error="stopped early by the scheduler (ASHA)")
+        raise
     except BaseException as exc:  # noqa: BLE001 - record every failure, then re-raise to Tune
         lineage.finish_run(ref, run_id, "FAILED", error=f"{type(exc).__name__}: {exc}")
         (run_dir / "error.txt").write_text(traceback.format_exc())
