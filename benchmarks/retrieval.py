@@ -107,7 +107,7 @@ def row_for(n: int, smoke: bool) -> Row:
         m_ratio = ratio(blocked["tracemalloc_peak_mb"], naive_mb, higher_is_better=False)
     details.update({"time_ratio": t_ratio, "memory_ratio": m_ratio})
     return Row(
-        key=KEY, title=f"Retrieval ranks, N={n:,}", unit="s | peak MiB",
+        key=KEY, title=f"Retrieval ranks, N={n:,}", unit="s (memory in notes)",
         baseline="naive N x N sim + argsort", baseline_value=naive_s,
         ours="blocked (block 1024)", ours_value=blocked["seconds"], ratio=t_ratio,
         target=">= 10x (time or memory)", command=command(KEY, smoke),

@@ -24,10 +24,10 @@ KEY = "scaling"
 
 
 def trial_config(workdir: Path, smoke: bool) -> Any:
-    """Tiny CNN fine-tuned + MLP gene tower, per-worker batch 32 (smoke 16)."""
+    """Tiny CNN fine-tuned + MLP gene tower, per-worker batch 64 (smoke 16)."""
     return bench_config(workdir, {**small_data(smoke), **quiet_eval(),
                                   "model.image.name": "tiny_cnn", "model.image.mode": "finetune",
-                                  "train.batch_size": 16 if smoke else 32})
+                                  "train.batch_size": 16 if smoke else 64})
 
 
 def _worker(config: dict[str, Any]) -> None:
