@@ -38,3 +38,16 @@ def test_only_rejects_unknown_benchmark() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--only", "nope"])
     assert parse_args(["--only", "retrieval,memmap"]).keys == ["retrieval", "memmap"]
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke_runs_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| samples/s |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result["split_ms"]) >= {"data", "forward", "backward", "optim"}
+    assert result["flops_per_step"] > 0
