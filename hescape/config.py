@@ -304,6 +304,17 @@ def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
         raise ConfigError(f"override {override!r}: value is not valid YAML: {exc}") from exc
     out = copy.deepcopy(data)
     node = out
+    if len(parts) > 2 and parts[:2] == ["sweep", "params"]:
+        # sweep.params keys are dotted config paths ("train.lr"): keep them whole.
+        params = (out.get("sweep") or {}).get("params") or {}
+        rest = ".".join(parts[2:])
+        name = next((k for k in sorted(params, key=len, reverse=True)
+                     if rest == k or rest.startswith(k + ".")), None)
+        if name is None:
+            spec_fields = set(SweepParam.model_fields)
+            name = rest if parts[-1] not in spec_fields or len(parts) == 3 else \
+                ".".join(parts[2:-1])
+        parts = ["sweep", "params", name, *rest[len(name):].split(".")[1:]]
     for part in parts[:-1]:
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):

@@ -213,5 +213,12 @@ def load_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, StudyConfig, dict
     meta = loaded.meta
     model = build_model(arch, cfg.loss, gene_in_dim=int(meta["gene_in_dim"]),
                         n_donors=int(meta["n_donors"]), feature_names=meta.get("feature_names"))
-    model.load_state_dict(loaded.model_state)
+    try:
+        model.load_state_dict(loaded.model_state)
+    except RuntimeError as exc:  # weights of another architecture than config.json describes
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(
+            f"{Path(ckpt_dir) / MODEL_FILE}: weights do not match the model in "
+            f"{CONFIG_FILE} (a checkpoint from another model?): "
+            f"{' '.join(x.strip() for x in first[:3])[:500]}") from None
     return model.eval(), cfg, meta

@@ -38,7 +38,10 @@ def read_expression(h5ad: str | Path, *, donor_key: str = "donor", slide_key: st
                     keep_obs: list[str] | None = None) -> AnnData:
     """Read an h5ad into the canonical obs layout (donor, slide, labels) and validate it."""
     path = check_exists(h5ad, "h5ad file")
-    src = ad.read_h5ad(path)
+    try:
+        src = ad.read_h5ad(path)
+    except OSError as exc:  # not HDF5 / truncated: name the file, not just h5py's message
+        raise DataError(f"{path}: cannot read as .h5ad ({exc}); is it an AnnData file?") from None
     file = str(path)
     X = counts_matrix(src, layer=counts_layer, file=file)
     obs = src.obs.copy()
