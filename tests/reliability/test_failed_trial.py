@@ -1,0 +1,41 @@
+"""A trial whose loss turns non-finite fails alone: FAILED in MLflow with the reason, the other
+trial FINISHED, the study completes and its parent run is FINISHED."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def test_nan_trial_fails_and_study_continues(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from hescape.study.lineage import LineageRef, child_runs, find_parent
+
+    args = [sys.executable, str(ROOT / "study/run.py"), str(ROOT / "experiments/tiny.yaml"),
+            f"--set=storage_dir={tmp_path}", "--set=sweep.params.loss.name.values=[clip]",
+            "--set=sweep.params.train.lr={type: choice, values: [0.001, 1.0e30]}",
+            "--set=train.max_steps=12", "--set=sweep.max_concurrent=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny")
+    parent = find_parent(client, exp.experiment_id, "tiny")
+    runs = child_runs(LineageRef(uri, exp.experiment_id, parent, "tiny"))
+    by_lr = {float(r.data.params["train.lr"]): r for r in runs}
+    assert sorted(by_lr) == [0.001, 1.0e30] and len(runs) == 2  # one run per trial
+    bad, good = by_lr[1.0e30], by_lr[0.001]
+    assert bad.info.status == "FAILED"
+    assert "non-finite loss at step" in bad.data.tags["hescape.error"]
+    assert bad.data.metrics.get("step", 0) < 12  # stopped early, budget not wasted
+    assert good.info.status == "FINISHED" and "test/r5_img2gene" in good.data.metrics
+    assert client.get_run(parent).info.status == "FINISHED"
