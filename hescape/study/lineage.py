@@ -84,6 +84,14 @@ def child_runs(ref: LineageRef, *, status: str | None = None) -> list[Any]:
     return with_retry(lambda: client.search_runs([ref.experiment_id], query, max_results=10000))
 
 
+def finished_child(ref: LineageRef, trial_id: str):
+    """The trial's child run if it already FINISHED (the driver died before Tune saved that)."""
+    client = MlflowClient(ref.tracking_uri)
+    query = _filter(**{TAG_PARENT: ref.parent_run_id, TAG_TRIAL: trial_id})
+    existing = with_retry(lambda: client.search_runs([ref.experiment_id], query, max_results=2))
+    return next((r for r in existing if r.info.status == "FINISHED"), None)
+
+
 def open_child(ref: LineageRef, trial_id: str, *, name: str, tags: dict[str, str]) -> str:
     """The trial's child run: reattach to the one tagged with ``trial_id``, else create it."""
     client = MlflowClient(ref.tracking_uri)

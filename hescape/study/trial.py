@@ -71,6 +71,10 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"{trial_id} {config_id(params)} seed={params.get(SEED_KEY, cfg.train.seed)}"
     ref = shared.lineage
+    done = lineage.finished_child(ref, trial_id)
+    if done is not None:  # completed before a driver crash: report its result, do not re-run
+        tune.report({**_finite_metrics(done.data.metrics), "done": 1.0})
+        return
     run_id = lineage.open_child(ref, trial_id, name=name[:250], tags=_trial_tags(shared, cfg, params))
     try:
         result = _train_and_evaluate(cfg, ref, run_id, run_dir)
