@@ -21,7 +21,7 @@ from typing import Any
 from hescape.config import StudyConfig
 from hescape.train.checkpoint import list_checkpoints
 from hescape.train.inputs import prepare_inputs
-from hescape.train.loop import train_loop_per_worker
+from hescape.train.loop import TrainingError, train_loop_per_worker
 from hescape.train.session import LocalSession, ReportCallback, local_session
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _fit_in_process(config: dict[str, Any], cfg: StudyConfig, run_dir: Path,
                            mode=cfg.train.best_mode, callback=callback)
     with local_session(session):
         train_loop_per_worker(config)
-    return _result(session.history, session.best_checkpoint, run_dir / "checkpoints")
+    return _result(session.history, session.best_checkpoint, run_dir)
 
 
 def _result(history: list[dict[str, Any]], best: Path | None, ckpt_root: Path) -> FitResult:
@@ -124,8 +124,16 @@ def _fit_ray(config: dict[str, Any], cfg: StudyConfig, run_dir: Path,
     history = _drain(reports, worker, callback)
     reports.shutdown()
     if "error" in outcome:
-        raise outcome["error"]
+        raise _worker_error(outcome["error"])
     return _result(history, _best_path(outcome["result"], tc), run_dir)
+
+
+def _worker_error(exc: BaseException) -> BaseException:
+    """A worker's own TrainingError (e.g. NaN loss) rather than Ray's wrapper, when there."""
+    for err in (getattr(exc, "worker_failures", None) or {}).values():
+        if isinstance(err, TrainingError):
+            return err
+    return exc
 
 
 def _run_trainer(trainer: Any, outcome: dict[str, Any]) -> None:

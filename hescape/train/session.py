@@ -89,7 +89,7 @@ class RaySession:
 class LocalSession:
     """Rank 0 of a world of 1, in this process: records reports, keeps checkpoints.
 
-    Checkpoints live in ``run_dir/checkpoints``; the ``keep`` best by ``score`` (plus the
+    Checkpoints live directly in ``run_dir`` (as with Ray Train); the ``keep`` best by ``score`` (plus the
     latest) are kept, like Ray's ``CheckpointConfig(num_to_keep, checkpoint_score_attribute)``.
     """
 
@@ -100,7 +100,7 @@ class LocalSession:
         self, run_dir: Path, *, keep: int, score: str, mode: str,
         callback: ReportCallback | None = None,
     ) -> None:
-        self.ckpt_root = Path(run_dir) / "checkpoints"
+        self.ckpt_root = Path(run_dir)
         self.keep, self.score, self.mode, self.callback = keep, score, mode, callback
         self.history: list[dict[str, Any]] = []
         self.scores: dict[Path, float] = {}

@@ -19,6 +19,16 @@ def tiny_data(tmp_path_factory) -> Path:
                         spots_per_donor=120, n_states=4)
 
 
+@pytest.fixture(scope="session")
+def learnable_data(tmp_path_factory) -> Path:
+    """Enough donors/genes, moderate batch effects: cross-donor retrieval is learnable."""
+    from hescape.data import tiny_dataset
+
+    return tiny_dataset(tmp_path_factory.mktemp("data") / "learnable", seed=0, n_donors=5,
+                        spots_per_donor=200, n_genes=120, n_states=6, donor_effect=0.5,
+                        stain_effect=0.5)
+
+
 def tiny_config(storage: Path, data: Path, **train: Any):
     """A StudyConfig small enough to train in seconds on one CPU core."""
     from hescape.config import StudyConfig, _deep_merge
@@ -36,7 +46,7 @@ def tiny_config(storage: Path, data: Path, **train: Any):
 
 @pytest.fixture
 def make_cfg(tmp_path, tiny_data):
-    def _make(**train: Any):
-        return tiny_config(tmp_path / "runs", tiny_data, **train)
+    def _make(data: Path | None = None, **train: Any):
+        return tiny_config(tmp_path / "runs", data or tiny_data, **train)
 
     return _make

@@ -12,20 +12,20 @@ from hescape.train.inputs import load_prepared, prepare_inputs
 from hescape.train.loop import TrainingError
 
 
-def test_in_process_training_beats_chance(make_cfg, tmp_path):
-    """The simulator's spots come in a few discrete states, so exact-pair retrieval is
-    bounded near state level (R@10 ~0.24, mean rank ~27 of 120 here); chance is 0.083 / 60."""
-    cfg = make_cfg(max_steps=100, eval_every=25, lr=1e-2)
+def test_in_process_training_beats_chance(make_cfg, tmp_path, learnable_data):
+    """Chance: R@10 = 10 / n, mean rank = (n + 1) / 2. The simulator's spots come in a few
+    discrete states plus weak continuous factors, so exact-pair retrieval stays modest."""
+    cfg = make_cfg(learnable_data, max_steps=150, eval_every=50, lr=5e-3, batch_size=64)
     assert runs_in_process(cfg)
     seen = []
     result = fit(cfg, run_dir=tmp_path / "run", verbose=False,
                  report_callback=lambda m, c: seen.append((m["step"], c)))
-    assert [s for s, _ in seen] == [25, 50, 75, 100]
+    assert [s for s, _ in seen] == [50, 100, 150]
     assert all(c is not None and (c / "model.pt").is_file() for _, c in seen)
     best = result.best_metrics
     n = best["val/retrieval_n"]
-    assert best["val/r10_img2gene"] > 1.6 * 10 / n  # chance is k / n
-    assert best["val/mean_rank_img2gene"] < 0.75 * (n + 1) / 2  # chance is (n + 1) / 2
+    assert best["val/r10_img2gene"] > 1.5 * 10 / n
+    assert best["val/mean_rank_img2gene"] < 0.7 * (n + 1) / 2
     assert result.best_checkpoint.name == f"checkpoint_{int(best['step']):07d}"
     for key in ("train/loss", "val/loss", "val/r5_img2gene", "val/donor_acc_gene",
                 "val/donor_chance", "train/lr", "train/steps_per_s"):
@@ -41,13 +41,13 @@ def _weights(ckpt):
 def test_resumed_run_matches_uninterrupted(make_cfg, tmp_path):
     cfg = make_cfg(max_steps=40, eval_every=10)  # gene dropout 0.1: RNG state matters
     full = fit(cfg, run_dir=tmp_path / "full", verbose=False)
-    middle = tmp_path / "full" / "checkpoints" / "checkpoint_0000020"
+    middle = tmp_path / "full" / "checkpoint_0000020"
     resumed = fit(cfg, run_dir=tmp_path / "resumed", resume_from=middle, verbose=False)
     assert [h["step"] for h in resumed.history] == [30, 40]
     for key in ("train/loss", "val/loss", "val/r5_img2gene", "val/mean_rank_img2gene"):
         assert resumed.metrics[key] == pytest.approx(full.metrics[key], rel=1e-5, abs=1e-7)
-    a = _weights(tmp_path / "full" / "checkpoints" / "checkpoint_0000040")
-    b = _weights(tmp_path / "resumed" / "checkpoints" / "checkpoint_0000040")
+    a = _weights(tmp_path / "full" / "checkpoint_0000040")
+    b = _weights(tmp_path / "resumed" / "checkpoint_0000040")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
