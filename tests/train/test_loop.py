@@ -71,3 +71,29 @@ def test_nan_loss_stops_with_clear_error(make_cfg, tmp_path):
                                        saw_heldout=False, method="none", cache_key="bad"))
     with pytest.raises(TrainingError, match="non-finite loss at step 0"):
         fit(cfg, run_dir=tmp_path / "run", prepared_path=bad, verbose=False)
+
+
+def test_embed_split_reproduces_validation_retrieval(make_cfg, tmp_path, tiny_data):
+    from hescape.data import load_paired
+    from hescape.evaluate import cross_modal_retrieval
+    from hescape.train.embed import embed_split
+
+    cfg = make_cfg(max_steps=20, eval_every=10)
+    result = fit(cfg, run_dir=tmp_path / "run", verbose=False)
+    paired = load_paired(tiny_data)
+    emb = embed_split(result.best_checkpoint, paired, "val")
+    assert emb["img"].shape == emb["gene"].shape and len(emb["index"]) == len(emb["img"])
+    ec = cfg.eval
+    again = cross_modal_retrieval(emb["img"], emb["gene"], ks=ec.ks, seed=ec.seed,
+                                  inbatch_size=ec.inbatch_size,
+                                  inbatch_repeats=ec.inbatch_repeats)
+    assert again["mean_rank_img2gene"] == pytest.approx(
+        result.best_metrics["val/mean_rank_img2gene"], rel=1e-4)
+
+
+def test_keeps_best_and_latest_checkpoints_only(make_cfg, tmp_path):
+    cfg = make_cfg(max_steps=40, eval_every=10, keep_checkpoints=1)
+    result = fit(cfg, run_dir=tmp_path / "run", verbose=False)
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint"))
+    expected = {result.best_checkpoint.name, "checkpoint_0000040"}
+    assert set(kept) == expected
