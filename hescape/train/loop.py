@@ -3,7 +3,10 @@
 ``train_loop_per_worker(config)`` gets plain data: ``config["cfg"]`` (StudyConfig dump) and
 the paths the driver prepared (``data_path``, ``prepared_path``, ``features_path``); it
 never recomputes preprocessing. Rank and world size come from the session
-(``ray.train.get_context()`` or the in-process shim).
+(``ray.train.get_context()`` or the in-process shim). ``train.batch_size`` is per worker
+(the contrastive batch is ``batch_size * num_workers``: negatives are gathered across
+workers). Every rank validates on the whole validation set (identical weights, identical
+metrics, so early-stop decisions agree without a collective).
 """
 
 from __future__ import annotations
@@ -61,33 +64,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     channels_last = device.type == "cuda" and tc.channels_last
     verbose = bool(config.get("verbose", True)) and rank == 0
 
-    # ---- inputs prepared by the driver (paths only)
+    # ---- inputs prepared by the driver (paths only), model, optimiser, resume
     data = load_train_inputs(config, cfg)
-
-    # ---- model and optimiser (same init on every rank, then per-rank RNG)
-    seed_everything(tc.seed)
-    model = build_model(cfg.model, cfg.loss, gene_in_dim=data.gene_in_dim,
-                        n_donors=data.n_donors, feature_names=data.feature_names)
-    if model.image_frozen and model.image_encoder.weights_path is None:
-        # random-init frozen encoder: the exact weights the feature cache used
-        model.image_encoder.load_state_dict(frozen_image_encoder(cfg).state_dict())
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr,
-                                  betas=(0.9, 0.98), eps=1e-6)
-    seed_everything(tc.seed + rank)
+    model, optimizer = build_model_and_optimizer(cfg, data, device, channels_last)
+    seed_everything(tc.seed + rank)  # same init on every rank, then per-rank dropout
     state = TrainState()
-
-    # ---- resume: this run's latest checkpoint (a restart), else an explicit resume dir
-    with session.resume_checkpoint() as found:
+    with session.resume_checkpoint() as found:  # a restart's latest, else an explicit dir
         resume_dir = found or config.get("resume_from")
         if resume_dir is not None:
             state = restore(resume_dir, model, optimizer)
             if verbose:
                 print(f"[train] resumed from {resume_dir} at step {state.step}", flush=True)
-
-    net = session.prepare_model(model)
+    net = session.prepare_model(model)  # DDP when world > 1
     if tc.compile:
         net = torch.compile(net)
     loss_fn = create_loss(cfg.loss, rank=rank, world_size=world)
@@ -117,37 +105,63 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.step()
         running.add(out, batch["donor"], loss=loss, contrastive=contrastive, adv=adv_loss)
 
-        # ---- evaluate, checkpoint (rank 0 writes), report (every rank)
+        # ---- every eval_every steps: validate, checkpoint (rank 0 writes), report (all)
         done = step + 1 == tc.max_steps
         if (step + 1) % tc.eval_every != 0 and not done:
             continue
-        elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
+        train_time = time.perf_counter() - t_last
         metrics = {"step": step + 1, "epoch": (step + 1) / sampler.batches_per_epoch(),
                    "train/lr": lr, "train/adv_weight": adv,
-                   "train/steps_per_s": running.count / max(elapsed, 1e-9),
+                   "train/steps_per_s": running.count / max(train_time, 1e-9),
                    **running.means(), **validate(model, data, cfg, device=device)}
-        t_eval = time.perf_counter()
         running = RunningMeans()
-        is_best = state.update(float(metrics.get(tc.best_metric, math.nan)), tc.best_mode)
-        state.step = step + 1
-        stop = tc.early_stop_patience is not None and state.bad_evals >= tc.early_stop_patience
-        metrics.update({"best": float("nan") if state.best is None else state.best,
-                        "is_best": float(is_best), "early_stopped": float(stop and not done)})
+        stop = record_evaluation(state, metrics, cfg, done=done)
         ckpt = None
         if rank == 0:
             ckpt = save_checkpoint(
                 session.staging_dir() / f"checkpoint_{state.step:07d}", model=model, cfg=cfg,
-                meta=checkpoint_meta(data, state.step, metrics), train_state=train_state(
-                    optimizer, state))
+                meta=checkpoint_meta(data, state.step, metrics),
+                train_state=train_state(optimizer, state))
         if verbose:
             print(format_progress(metrics, tc.best_metric), flush=True)
         session.report(metrics, ckpt)
-        t_last += time.perf_counter() - t_eval  # steps/s counts training time only
+        t_last = time.perf_counter()  # steps/s counts training time only
         if stop:
             if verbose:
                 print(f"[train] early stop: no {tc.best_metric} improvement in "
                       f"{state.bad_evals} evaluations", flush=True)
             break
+
+
+def build_model_and_optimizer(
+    cfg: StudyConfig, data: TrainInputs, device: torch.device, channels_last: bool,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """TwoTower (seeded: identical on every rank) on ``device`` and AdamW over its groups."""
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, cfg.loss, gene_in_dim=data.gene_in_dim,
+                        n_donors=data.n_donors, feature_names=data.feature_names)
+    if model.image_frozen and model.image_encoder.weights_path is None:
+        # random-init frozen encoder: the exact weights the feature cache used
+        model.image_encoder.load_state_dict(frozen_image_encoder(cfg).state_dict())
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    return model, optimizer
+
+
+def record_evaluation(state: TrainState, metrics: dict[str, Any], cfg: StudyConfig, *,
+                      done: bool) -> bool:
+    """Update best metric / early-stop counter and add best, is_best, early_stopped to
+    ``metrics``; True when training should stop early."""
+    tc = cfg.train
+    is_best = state.update(float(metrics.get(tc.best_metric, math.nan)), tc.best_mode)
+    state.step = int(metrics["step"])
+    stop = tc.early_stop_patience is not None and state.bad_evals >= tc.early_stop_patience
+    metrics.update({"best": math.nan if state.best is None else state.best,
+                    "is_best": float(is_best), "early_stopped": float(stop and not done)})
+    return stop
 
 
 # --------------------------------------------------------------------------- helpers
