@@ -38,13 +38,21 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def markdown_table(rows: list[Row], info: dict[str, object]) -> str:
-    """One markdown table: benchmark, baseline, ours, ratio in favour of ours, target, command."""
+def markdown_table(rows: list[Row], info: dict[str, object],
+                   runs: list[dict] | None = None) -> str:
+    """One markdown table: benchmark, baseline, ours, ratio in favour of ours, target, command.
+
+    ``runs`` (from the merged JSON) lists which run measured which benchmarks.
+    """
     head = (f"Measured {info.get('date')} on {info.get('cpus')} CPUs, "
             f"{info.get('memory_gib')} GiB, GPU: {info.get('gpu')}, torch threads "
             f"{info.get('torch_threads')}, load avg at start {info.get('loadavg_1min', 0):.1f}"
             + (" (SMOKE sizes: proves the harness, not the figures)" if info.get("smoke") else ""))
-    lines = [head, "",
+    lines = [head]
+    if runs and len(runs) > 1:
+        lines += [f"- {r.get('date')} (load avg at start {r.get('loadavg_1min', 0):.1f}): "
+                  f"{', '.join(r['keys'])}" for r in runs]
+    lines += ["",
              "| benchmark | unit | baseline | value | ours | value | ratio "
              "| target | reproduce |",
              "|---|---|---|---:|---|---:|---:|---|---|"]

@@ -12,6 +12,7 @@ and marked infeasible.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -67,8 +68,9 @@ def worker(mode: str, n: int) -> dict[str, float]:
             "rss_growth_mb": rss1 - rss0, "median_rank": float(np.median(ranks))}
 
 
+@functools.cache
 def measure(mode: str, n: int) -> dict[str, float]:
-    """``worker(mode, n)`` in a fresh subprocess."""
+    """``worker(mode, n)`` in a fresh subprocess (once per run for each (mode, n))."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.retrieval", "--worker", mode, str(n)],
                          cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -75,6 +75,24 @@ def run_one(key: str, smoke: bool, scratch: Path) -> tuple[list[Row], float]:
     return rows, time.perf_counter() - t0
 
 
+def merge(path: Path, info: dict, seconds: dict[str, float],
+          results: dict[str, list[dict]]) -> dict:
+    """Results of this run over those already in ``path`` (a ``--only`` run updates its keys)."""
+    old: dict = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+    runs = [r for r in old.get("runs", []) if set(r["keys"]) - set(results)]
+    for r in runs:
+        r["keys"] = [k for k in r["keys"] if k not in results]
+    runs.append({**info, "keys": list(results), "seconds": seconds})
+    merged = {k: v for k, v in old.get("benchmarks", {}).items() if k not in results}
+    merged.update(results)
+    return {"machine": info, "runs": runs, "benchmarks": merged}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = setup_env(args.threads)
@@ -94,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
             "date": started.strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python benchmarks/run.py" + (" --smoke" if args.smoke else "")
             + (f" --only {args.only}" if args.only else "")}
-    table = markdown_table(rows, info)
-    print(table)
-    payload = {"machine": info, "seconds": seconds, "keys": args.keys,
-               "benchmarks": {k: [r.to_dict() for r in rows if r.key == k] for k in args.keys}}
+    print(markdown_table(rows, info))
+    payload = merge(out_dir / f"{stem}.json", info, seconds,
+                    {k: [r.to_dict() for r in rows if r.key == k] for k in args.keys})
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str))
-    (out_dir / f"{stem}.md").write_text(table + "\n")
+    merged = [Row(**r) for k in BENCHMARKS for r in payload["benchmarks"].get(k, [])]
+    (out_dir / f"{stem}.md").write_text(markdown_table(merged, info, payload["runs"]) + "\n")
     print(f"[bench] wrote {out_dir / stem}.json and .md", file=sys.stderr)
     failed = [r.key for r in rows if r.notes.startswith("FAILED")]
     return 1 if failed else 0

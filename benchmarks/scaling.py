@@ -24,9 +24,10 @@ KEY = "scaling"
 
 
 def trial_config(workdir: Path, smoke: bool) -> Any:
-    """Tiny CNN fine-tuned + MLP gene tower, per-worker batch 64 (smoke 16)."""
+    """Tiny CNN fine-tuned at 96 px + MLP gene tower, per-worker batch 64 (smoke: 16 px, 16)."""
     return bench_config(workdir, {**small_data(smoke), **quiet_eval(),
                                   "model.image.name": "tiny_cnn", "model.image.mode": "finetune",
+                                  "model.image.image_size": 16 if smoke else 96,
                                   "train.batch_size": 16 if smoke else 64})
 
 
@@ -128,7 +129,8 @@ def run(smoke: bool, workdir: Path) -> list[Row]:
         notes=(f"per worker {total1:.0f} -> {total2 / 2:.0f} samples/s (efficiency "
                f"{total2 / (2 * total1):.0%}); gather of both embeddings {gather_ms:.2f} ms/step "
                f"({gather_ms / step_ms:.1%} of a {step_ms:.0f} ms step); per-worker batch "
-               f"{cfg.train.batch_size}, effective {2 * cfg.train.batch_size} negatives"),
+               f"{cfg.train.batch_size}, effective {2 * cfg.train.batch_size} negatives; tiny CNN at "
+               f"{cfg.model.image.image_size} px"),
         details={"one_worker": one, "two_workers": two, "steps": steps},
     )]
 
