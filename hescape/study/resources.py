@@ -47,7 +47,8 @@ def trial_resources(cfg: StudyConfig) -> TrialResources:
     if runs_in_process(t):
         return TrialResources({"CPU": t.cpus_per_worker}, 1, t.cpus_per_worker, 0.0, True)
     # The trial process only drives the worker group; it needs (almost) nothing itself.
-    return TrialResources({"CPU": 0.0}, t.num_workers, t.cpus_per_worker, gpus, False)
+    # (a tiny memory request: Tune refuses an all-zero resource bundle)
+    return TrialResources({"CPU": 0.0, "memory": 1e6}, t.num_workers, t.cpus_per_worker, gpus, False)
 
 
 def max_concurrent_trials(
