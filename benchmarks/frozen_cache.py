@@ -42,7 +42,7 @@ def trial_config(workdir: Path, s: dict[str, int], *, cache: bool, seed: int) ->
 
 def trial_s(workdir: Path, s: dict[str, int], *, cache: bool, seed: int) -> float:
     """Wall seconds of one trial."""
-    from hescape.train.fit import fit
+    from hescape.train import fit
 
     cfg = trial_config(workdir, s, cache=cache, seed=seed)
     t0 = time.perf_counter()

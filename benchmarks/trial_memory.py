@@ -22,7 +22,7 @@ def child(workdir: str, smoke: str, cache: str) -> None:
     """Subprocess: one trial, then print its peak RSS (MiB)."""
     from benchmarks.common import setup_env
     from benchmarks.frozen_cache import sizes, trial_config
-    from hescape.train.fit import fit
+    from hescape.train import fit
 
     setup_env()
     s = sizes(smoke == "1")

@@ -33,7 +33,7 @@ def trial_config(workdir: Path, steps: int, smoke: bool, *, in_process: bool = T
 
 def in_process_s(workdir: Path, steps: int, smoke: bool, tag: str) -> float:
     """Wall seconds of ``fit`` in this process."""
-    from hescape.train.fit import fit
+    from hescape.train import fit
 
     cfg = trial_config(workdir, steps, smoke)
     t0 = time.perf_counter()
@@ -46,7 +46,7 @@ def _trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
     from hescape.config import StudyConfig
-    from hescape.train.fit import fit
+    from hescape.train import fit
 
     cfg = StudyConfig.model_validate(config["cfg"])
     fit(cfg, run_dir=Path(config["run_dir"]), verbose=False,

@@ -45,10 +45,8 @@ class _AllGather(torch.autograd.Function):
         return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None
 
 
-def gather_with_grad(x: Tensor, world_size: int) -> Tensor:
-    """Concatenate ``x`` from all ranks (rank order) along dim 0; gradients flow back."""
-    if world_size <= 1:
-        return x
+def check_equal_batches(x: Tensor, world_size: int) -> None:
+    """Every rank must hold the same number of rows (one extra collective)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -60,15 +58,36 @@ def gather_with_grad(x: Tensor, world_size: int) -> Tensor:
             f"local batch sizes differ across workers ({[int(s) for s in sizes]}); "
             "use drop_last=True so every worker sees the same batch size"
         )
+
+
+def gather_with_grad(x: Tensor, world_size: int, *, check: bool = True) -> Tensor:
+    """Concatenate ``x`` from all ranks (rank order) along dim 0; gradients flow back.
+
+    ``check=False`` skips the batch-size check (the losses check once, on their first call).
+    """
+    if world_size <= 1:
+        return x
+    if check:
+        check_equal_batches(x, world_size)
     return _AllGather.apply(x, world_size)
 
 
-class ClipLoss(nn.Module):
-    """Symmetric InfoNCE; labels of local rows are offset by ``rank * local_batch``."""
+class _GatheredLoss(nn.Module):
+    """Holds rank/world size; gathers across workers, checking batch sizes on first use."""
 
     def __init__(self, *, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
         self.rank, self.world_size = rank, world_size
+        self._sizes_checked = False
+
+    def gather(self, x: Tensor) -> Tensor:
+        out = gather_with_grad(x, self.world_size, check=not self._sizes_checked)
+        self._sizes_checked = True
+        return out
+
+
+class ClipLoss(_GatheredLoss):
+    """Symmetric InfoNCE; labels of local rows are offset by ``rank * local_batch``."""
 
     def forward(
         self,
@@ -78,8 +97,8 @@ class ClipLoss(nn.Module):
         logit_bias: Tensor | None = None,
     ) -> Tensor:
         scale = logit_scale.exp()
-        all_img = gather_with_grad(img_emb, self.world_size)
-        all_gene = gather_with_grad(gene_emb, self.world_size)
+        all_img = self.gather(img_emb)
+        all_gene = self.gather(gene_emb)
         logits_img = scale * img_emb @ all_gene.T
         logits_gene = scale * gene_emb @ all_img.T
         if logit_bias is not None:
@@ -89,12 +108,8 @@ class ClipLoss(nn.Module):
         return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_gene, labels))
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_GatheredLoss):
     """Pairwise sigmoid loss: local images against all genes, summed over pairs / local batch."""
-
-    def __init__(self, *, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__()
-        self.rank, self.world_size = rank, world_size
 
     def forward(
         self,
@@ -105,7 +120,7 @@ class SigLipLoss(nn.Module):
     ) -> Tensor:
         if logit_bias is None:
             raise ValueError("SigLIP needs logit_bias (build the model with loss.name: siglip)")
-        all_gene = gather_with_grad(gene_emb, self.world_size)
+        all_gene = self.gather(gene_emb)
         logits = logit_scale.exp() * img_emb @ all_gene.T + logit_bias
         n = img_emb.shape[0]
         targets = -torch.ones_like(logits)

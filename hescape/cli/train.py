@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hescape.config import load_config
-    from hescape.train.fit import fit, runs_in_process
+    from hescape.train import fit, runs_in_process
 
     overrides = list(args.overrides)
     if args.workers is not None:

@@ -43,17 +43,10 @@ def decode_image(data: bytes, *, where: str, max_pixels: int = PATCH_MAX_PIXELS)
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
         raise DataError(f"{where}: image bytes are empty or not bytes ({type(data).__name__}); "
                         "re-export the patch")
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            return _open_pil(im, where=where, max_pixels=max_pixels)
-    except DataError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{where}: decompression bomb refused ({exc}); raise max_pixels only "
-                        "if the image is genuine") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{where}: image bytes cannot be decoded ({exc}); the file is truncated "
-                        "or not an image: re-export this patch or drop the row") from None
+    return _decode_pil(io.BytesIO(bytes(data)), where=where, max_pixels=max_pixels,
+                       bomb_hint="raise max_pixels only if the image is genuine",
+                       bad="image bytes cannot be decoded ({exc}); the file is truncated or "
+                       "not an image: re-export this patch or drop the row")
 
 
 def read_image(path: str | Path, *, max_pixels: int = SLIDE_MAX_PIXELS) -> np.ndarray:
@@ -64,17 +57,26 @@ def read_image(path: str | Path, *, max_pixels: int = SLIDE_MAX_PIXELS) -> np.nd
     where = str(path)
     if path.suffix.lower() in _TIFF:
         return _read_tiff(path, max_pixels=max_pixels)
+    return _decode_pil(path, where=where, max_pixels=max_pixels,
+                       bomb_hint="pass a larger max_pixels only if the image is genuine",
+                       bad="cannot decode image ({exc}); the file is truncated or not an image: "
+                       "re-export it")
+
+
+def _decode_pil(source, *, where: str, max_pixels: int, bomb_hint: str, bad: str) -> np.ndarray:
+    """Open ``source`` with PIL; bombs and undecodable data become a DataError naming ``where``.
+
+    ``bad`` is the message for undecodable data, with ``{exc}`` for the decoder's reason.
+    """
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             return _open_pil(im, where=where, max_pixels=max_pixels)
     except DataError:
         raise
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{where}: decompression bomb refused ({exc}); pass a larger "
-                        "max_pixels only if the image is genuine") from None
+        raise DataError(f"{where}: decompression bomb refused ({exc}); {bomb_hint}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{where}: cannot decode image ({exc}); the file is truncated or not "
-                        "an image: re-export it") from None
+        raise DataError(f"{where}: " + bad.format(exc=exc)) from None
 
 
 def _read_tiff(path: Path, *, max_pixels: int) -> np.ndarray:

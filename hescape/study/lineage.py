@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from hescape.tracking import flatten, sanitize_key, scrub_params, with_retry
@@ -84,21 +83,21 @@ def child_runs(ref: LineageRef, *, status: str | None = None) -> list[Any]:
     return with_retry(lambda: client.search_runs([ref.experiment_id], query, max_results=10000))
 
 
-def finished_child(ref: LineageRef, trial_id: str):
-    """The trial's child run if it already FINISHED (the driver died before Tune saved that)."""
+def find_child(ref: LineageRef, trial_id: str) -> Any | None:
+    """The child run tagged with ``trial_id`` (a restored or restarted trial), or None."""
     client = MlflowClient(ref.tracking_uri)
     query = _filter(**{TAG_PARENT: ref.parent_run_id, TAG_TRIAL: trial_id})
     existing = with_retry(lambda: client.search_runs([ref.experiment_id], query, max_results=2))
-    return next((r for r in existing if r.info.status == "FINISHED"), None)
+    return existing[0] if existing else None
 
 
-def open_child(ref: LineageRef, trial_id: str, *, name: str, tags: dict[str, str]) -> str:
-    """The trial's child run: reattach to the one tagged with ``trial_id``, else create it."""
+def open_child(
+    ref: LineageRef, trial_id: str, *, existing: Any | None, name: str, tags: dict[str, str]
+) -> str:
+    """Reattach to ``existing`` (from ``find_child``), else create the trial's child run."""
     client = MlflowClient(ref.tracking_uri)
-    query = _filter(**{TAG_PARENT: ref.parent_run_id, TAG_TRIAL: trial_id})
-    existing = with_retry(lambda: client.search_runs([ref.experiment_id], query, max_results=2))
-    if existing:
-        run_id = existing[0].info.run_id
+    if existing is not None:
+        run_id = existing.info.run_id
         with_retry(lambda: client.update_run(run_id, status="RUNNING"))
         with_retry(lambda: client.set_tag(run_id, "hescape.reattached", "true"))
         return run_id
@@ -164,21 +163,15 @@ def close_orphans(ref: LineageRef, *, status: str = "KILLED", reason: str) -> in
     return n
 
 
-def run_status(ref: LineageRef, run_id: str) -> str:
-    client = MlflowClient(ref.tracking_uri)
-    return with_retry(lambda: client.get_run(run_id)).info.status
-
-
 __all__ = [
     "LineageRef",
-    "RunStatus",
     "child_runs",
     "close_orphans",
+    "find_child",
     "finish_run",
     "log_artifacts",
     "log_json_artifact",
     "log_params",
     "open_child",
     "open_parent",
-    "run_status",
 ]

@@ -63,11 +63,32 @@ def precompute(cfg: StudyConfig, paired: Any, *, progress: bool = True) -> dict[
     if stain_swept or cfg.preprocess.image.stain_norm != "none":
         images = []  # stain-normalised features need the fitted normaliser: built in the trial
     for section in images:
-        from hescape.train.features import cached_features, use_feature_cache
+        from hescape.train.features import use_feature_cache
 
         icfg = StudyConfig.model_validate({**base, "model": {**base["model"], "image": section}})
         if not use_feature_cache(icfg):
             continue
-        path = cached_features(icfg, paired, progress=progress)
+        path = _frozen_features(icfg, paired, progress=progress)
         out["features"].append({"encoder": section["name"], "path": str(path)})
     return out
+
+
+def _frozen_features(cfg: StudyConfig, paired: Any, *, progress: bool) -> Path:
+    """Encode once: here on CPU studies; as a 1-GPU Ray task when trials train on GPUs
+    (the driver usually runs on a CPU head node). The cache directory must be shared."""
+    from hescape.train.features import cached_features
+
+    if not cfg.train.use_gpu:
+        return cached_features(cfg, paired, progress=progress)
+    import ray
+
+    task = ray.remote(num_gpus=1, num_cpus=1)(_features_on_gpu)
+    return Path(ray.get(task.remote(cfg.model_dump(), str(paired.path))))
+
+
+def _features_on_gpu(cfg_dict: dict[str, Any], data_path: str) -> str:
+    from hescape.data import load_paired
+    from hescape.train.features import cached_features
+
+    cfg = StudyConfig.model_validate(cfg_dict)
+    return str(cached_features(cfg, load_paired(data_path), device="cuda", progress=False))

@@ -168,17 +168,6 @@ def count_trials(cfg: StudyConfig) -> int:
     return cfg.sweep.num_samples
 
 
-def finite_choices(sweep: SweepConfig | None, key_prefix: str) -> dict[str, list[Any]]:
-    """The choice values of all params under ``key_prefix`` (for precomputing shared work)."""
-    if sweep is None:
-        return {}
-    return {
-        k: list(p.values or [])
-        for k, p in sweep.params.items()
-        if k.startswith(key_prefix) and p.type == "choice"
-    }
-
-
 def enumerate_sections(
     sweep: SweepConfig | None, base: dict[str, Any], section: str
 ) -> list[dict[str, Any]] | None:
@@ -209,7 +198,6 @@ __all__ = [
     "count_trials",
     "define_by_run",
     "enumerate_sections",
-    "finite_choices",
     "grid_points",
     "validate_space",
     "with_seeds",

@@ -71,13 +71,16 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"{trial_id} {config_id(params)} seed={params.get(SEED_KEY, cfg.train.seed)}"
     ref = shared.lineage
-    done = lineage.finished_child(ref, trial_id)
-    if done is not None:  # completed before a driver crash: report its result, do not re-run
-        tune.report({**_finite_metrics(done.data.metrics), "done": 1.0})
+    existing = lineage.find_child(ref, trial_id)
+    if existing is not None and existing.info.status == "FINISHED":
+        # completed before a driver crash: report its result, do not re-run
+        tune.report({**_finite_metrics(existing.data.metrics), "done": 1.0})
         return
-    run_id = lineage.open_child(ref, trial_id, name=name[:250], tags=_trial_tags(shared, cfg, params))
+    prepared = _prepared(cfg)
+    run_id = lineage.open_child(ref, trial_id, existing=existing, name=name[:250],
+                                tags=_trial_tags(shared, cfg, params, prepared))
     try:
-        result = _train_and_evaluate(cfg, ref, run_id, run_dir)
+        result = _train_and_evaluate(cfg, ref, run_id, run_dir, prepared)
     except SystemExit as exc:  # Tune stops a trial (ASHA) by exiting inside tune.report
         if exc.code not in (0, None):
             lineage.finish_run(ref, run_id, "FAILED", error=f"SystemExit: {exc.code}")
@@ -92,11 +95,17 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
     tune.report({**result, "done": 1.0})
 
 
-def _trial_tags(shared: SharedContext, cfg: StudyConfig, params: dict[str, Any]) -> dict[str, str]:
+def _prepared(cfg: StudyConfig) -> Any:
+    """The trial's preprocessed expression (precomputed by the driver: a cache hit)."""
     from hescape.data import load_paired
     from hescape.train.inputs import prepare_expression
 
-    prepared = prepare_expression(cfg, load_paired(cfg.data.path), progress=False)  # cached
+    return prepare_expression(cfg, load_paired(cfg.data.path), progress=False)
+
+
+def _trial_tags(
+    shared: SharedContext, cfg: StudyConfig, params: dict[str, Any], prepared: Any
+) -> dict[str, str]:
     return {
         "hescape.config_id": config_id(params)[:4000],
         "hescape.sweep_params": json.dumps(params, sort_keys=True, default=str)[:4900],
@@ -112,13 +121,14 @@ def _trial_tags(shared: SharedContext, cfg: StudyConfig, params: dict[str, Any])
 
 
 def _train_and_evaluate(
-    cfg: StudyConfig, ref: lineage.LineageRef, run_id: str, run_dir: Path
+    cfg: StudyConfig, ref: lineage.LineageRef, run_id: str, run_dir: Path, prepared: Any
 ) -> dict[str, float]:
     from ray import tune
     from ray.tune import Checkpoint
 
     from hescape.study.evaluation import evaluate_trial
-    from hescape.train.fit import fit
+    from hescape.train import fit
+    from hescape.train.inputs import prepared_entry_path
 
     lineage.log_params(ref, run_id, cfg.model_dump())
     lineage.log_json_artifact(ref, run_id, cfg.model_dump(), "resolved_config.json")
@@ -134,7 +144,8 @@ def _train_and_evaluate(
 
     resume = tune.get_checkpoint()
     resume_dir = resume.to_directory() if resume is not None else None
-    fitted = fit(cfg, run_dir=run_dir / "train", report_callback=report, resume_from=resume_dir)
+    fitted = fit(cfg, run_dir=run_dir / "train", report_callback=report, resume_from=resume_dir,
+                 prepared_path=prepared_entry_path(cfg, prepared))
     client = lineage.MlflowClient(ref.tracking_uri)
     if fitted.best_checkpoint is not None:
         client.set_tag(run_id, "hescape.best_checkpoint", str(fitted.best_checkpoint))

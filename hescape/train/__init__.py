@@ -9,9 +9,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "fit": "fit",
-    "FitResult": "fit",
-    "runs_in_process": "fit",
+    "fit": "runner",
+    "FitResult": "runner",
+    "runs_in_process": "runner",
     "train_loop_per_worker": "loop",
     "TrainingError": "loop",
     "get_lr": "schedule",

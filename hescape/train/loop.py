@@ -84,12 +84,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = iterate_batches(loader, sampler, start_step=state.step)
 
     running, t_last = RunningMeans(), time.perf_counter()
+    net.train()  # once here and after each validation (train() walks every module)
     for step in range(state.step, tc.max_steps):
         # ---- one optimisation step
         lr = set_lr(optimizer, step, cfg)
         adv = adversary_weight(step, cfg.model.adversary)
         batch = to_device(next(batches), device, channels_last)
-        net.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(gene=batch["gene"], image=batch.get("image"),
                       image_features=batch.get("feature"), adv_weight=adv)
@@ -115,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "train/steps_per_s": running.count / max(train_time, 1e-9),
                    **running.means(), **validate(model, data, cfg, device=device)}
         running = RunningMeans()
+        net.train()  # validate() left the model in eval mode
         stop = record_evaluation(state, metrics, cfg, done=done)
         ckpt = None
         if rank == 0:

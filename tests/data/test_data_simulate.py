@@ -101,10 +101,8 @@ def test_images_carry_the_continuous_spot_factor(tmp_path):
 
 
 @pytest.mark.slow
-def test_speed_6x1000_at_64px(tmp_path):
-    import time
-
-    t0 = time.perf_counter()
-    simulate(tmp_path / "big", SimulateConfig(n_donors=6, spots_per_donor=1000, patch_size=64),
-             progress=False)
-    assert time.perf_counter() - t0 < 30
+def test_full_size_6x1000_at_64px(tmp_path):
+    """The issue's reference size simulates completely (its speed: benchmarks/data_bench.py)."""
+    data = load_paired(simulate(tmp_path / "big", SimulateConfig(
+        n_donors=6, spots_per_donor=1000, patch_size=64), progress=False))
+    assert data.adata.n_obs == 6000 and data.patches.shape == (6000, 64, 64, 3)

@@ -10,10 +10,10 @@ import torch
 
 from hescape.data import load_paired
 from hescape.train import features as features_mod
+from hescape.train import fit
 from hescape.train.checkpoint import load_checkpoint
 from hescape.train.dataset import images_to_input
 from hescape.train.features import cached_features, frozen_image_encoder, use_feature_cache
-from hescape.train.fit import fit
 
 
 def test_cached_features_equal_the_encoder_on_preprocessed_patches(make_cfg, tiny_data):

@@ -6,8 +6,8 @@ import torch
 
 from hescape.preprocess import PreparedExpression
 from hescape.preprocess.cache import save_entry
+from hescape.train import fit, runs_in_process
 from hescape.train.checkpoint import load_checkpoint, load_model
-from hescape.train.fit import fit, runs_in_process
 from hescape.train.inputs import load_prepared, prepare_inputs
 from hescape.train.loop import TrainingError
 

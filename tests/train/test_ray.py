@@ -14,7 +14,7 @@ def ray_cluster():
 @pytest.mark.slow
 def test_two_worker_torch_trainer_reports_metrics(make_cfg, tmp_path, ray_cluster):
     cfg = make_cfg(max_steps=6, eval_every=3, batch_size=16, num_workers=2, in_process=False)
-    from hescape.train.fit import fit, runs_in_process
+    from hescape.train import fit, runs_in_process
 
     assert not runs_in_process(cfg)
     seen = []
