@@ -95,6 +95,13 @@ def run_study(
 ) -> StudyResult:
     """Run (or resume) a whole study and write its report."""
     study_dir = preflight(cfg, source=source, resume=resume, overwrite=overwrite)
+    init_ray(address)
+    import ray
+
+    res = trial_resources(cfg)  # before anything is written: impossible resources leave nothing
+    concurrency = max_concurrent_trials(
+        res, ray.cluster_resources(), cfg.sweep.max_concurrent if cfg.sweep else None, source
+    )
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, storage_root(cfg))
     data_path = ensure_dataset(cfg, progress=progress)
     from hescape.data import load_paired
@@ -102,13 +109,6 @@ def run_study(
     paired = load_paired(data_path)
     base = cfg.model_dump()
     base["data"]["path"] = str(data_path)
-    init_ray(address)
-    import ray
-
-    res = trial_resources(cfg)
-    concurrency = max_concurrent_trials(
-        res, ray.cluster_resources(), cfg.sweep.max_concurrent if cfg.sweep else None, source
-    )
     ref = lineage.open_parent(
         uri, cfg.mlflow.experiment or cfg.name, cfg.name, resume=resume,
         tags={"hescape.git_commit": git_commit(), "hescape.data_fingerprint": paired.fingerprint},

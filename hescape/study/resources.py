@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from hescape.config import ConfigError, StudyConfig, TrainConfig
+from hescape.config import ConfigError, StudyConfig
 
 MIN_FREE_BYTES = 512 * 1024**2
 
@@ -36,15 +36,12 @@ class TrialResources:
         return self.trial.get("GPU", 0.0) + extra
 
 
-def runs_in_process(train: TrainConfig) -> bool:
-    """One CPU worker runs the loop inside the trial process (no worker-group start-up)."""
-    return train.in_process and train.num_workers == 1 and not train.use_gpu
-
-
 def trial_resources(cfg: StudyConfig) -> TrialResources:
+    from hescape.train import runs_in_process  # the rule fit() itself follows
+
     t = cfg.train
     gpus = 1.0 if t.use_gpu else 0.0
-    if runs_in_process(t):
+    if runs_in_process(cfg):
         return TrialResources({"CPU": t.cpus_per_worker}, 1, t.cpus_per_worker, 0.0, True)
     # The trial process only drives the worker group; it needs (almost) nothing itself.
     # (a tiny memory request: Tune refuses an all-zero resource bundle)
@@ -71,10 +68,18 @@ def max_concurrent_trials(
 
 
 def check_storage(path: Path, *, min_free: int = MIN_FREE_BYTES) -> None:
-    """Fail early with a clear message if ``path`` is not writable or nearly full."""
+    """Fail early with a clear message if ``path`` is not writable or nearly full.
+
+    Checks the deepest existing ancestor (a probe file written and removed there), so a
+    refused study leaves no directory behind.
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{uuid.uuid4().hex}"
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file is in the way", str(existing))
+        probe = existing / f".write-probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
@@ -82,7 +87,7 @@ def check_storage(path: Path, *, min_free: int = MIN_FREE_BYTES) -> None:
             f"storage_dir {path}: not writable ({exc.strerror or exc}). "
             "Set storage_dir (or --set storage_dir=...) to a writable directory."
         ) from None
-    free = shutil.disk_usage(path).free
+    free = shutil.disk_usage(existing).free
     if free < min_free:
         raise ConfigError(
             f"storage_dir {path}: only {free / 1024**2:.0f} MiB free; a study needs at least "

@@ -55,9 +55,15 @@ def ray_head():
     """`ray start --head` on 127.0.0.1 with its own temp dir; stopped afterwards by PID."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: unix socket path limit
     port, dash = _free_port(), _free_port()
+    # every port free-picked: a fixed default (agent 52365, client 10001) held by another Ray
+    # on this machine leaves the job agent down and `ray job submit` waiting forever
+    extra = {flag: _free_port() for flag in (
+        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+        "--ray-client-server-port", "--metrics-export-port", "--runtime-env-agent-port")}
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+           f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+           *(f"{flag}={p}" for flag, p in extra.items())]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     try:
@@ -86,7 +92,7 @@ def test_ray_job_submit_runs_a_study(ray_head, tmp_path):
            "--set=sweep.params.loss.name.values=[clip]"]
     for _ in range(90):  # the job agent comes up a few seconds after `ray start`
         out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                             timeout=600)
+                             timeout=420)
         if "No available agent" not in out.stderr + out.stdout:
             break
         time.sleep(2)

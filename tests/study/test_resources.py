@@ -10,9 +10,9 @@ from hescape.config import ConfigError, StudyConfig
 from hescape.study.resources import (
     check_storage,
     max_concurrent_trials,
-    runs_in_process,
     trial_resources,
 )
+from hescape.train import runs_in_process
 
 
 def _cfg(**train) -> StudyConfig:
@@ -32,7 +32,7 @@ def test_worker_group_trials_never_oversubscribe():
     # two 2-worker trials on a 2-CPU machine would wait on each other forever: only one runs
     assert max_concurrent_trials(res, {"CPU": 2.0}, None, "s") == 1
     gpu = trial_resources(_cfg(num_workers=2, use_gpu=True, cpus_per_worker=2))
-    assert not runs_in_process(_cfg(num_workers=2, use_gpu=True).train)
+    assert not runs_in_process(_cfg(num_workers=2, use_gpu=True))
     assert max_concurrent_trials(gpu, {"CPU": 32.0, "GPU": 4.0}, None, "s") == 2
 
 
