@@ -7,8 +7,8 @@
 Model: ``hescape.models.build_model`` with timm ``vit_base_patch16_224`` (pretrained=False,
 fine-tuned) and the MLP gene tower; CLIP loss from ``hescape.losses``; AdamW. Data: a
 memmapped uint8 patch store at 224 px read by the training path's ``PairedDataset`` +
-``Collate`` (resize/normalise on the loader workers), pinned memory, persistent loader
-workers. bf16 autocast and channels_last on CUDA. Reported: samples/s (no syncs inside the
+``Collate`` (uint8 batches on CUDA, resized/normalised on the GPU by the loop's
+``to_device``; on CPU the loader workers do it), pinned memory, persistent loader workers. bf16 autocast and channels_last on CUDA. Reported: samples/s (no syncs inside the
 timed steps), a per-step split data / forward / backward / optimiser / gather (a second
 pass that synchronises after each part), model FLOP utilisation (FLOPs of one training
 step counted with ``torch.utils.flop_counter.FlopCounterMode``; peak = ``--peak-tflops``,
@@ -104,7 +104,7 @@ def loader(args: argparse.Namespace, patches: np.ndarray, gene_x: np.ndarray, en
                        donors=np.zeros(len(patches), np.int64), patches=patches)
     w = args.loader_workers
     return DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True,
-                      collate_fn=Collate(encoder), num_workers=w, pin_memory=cuda,
+                      collate_fn=Collate(encoder, defer_normalize=cuda), num_workers=w, pin_memory=cuda,
                       persistent_workers=w > 0, prefetch_factor=4 if w > 0 else None)
 
 
@@ -133,12 +133,11 @@ class Stepper:
     def __call__(self, it, split: dict[str, float] | None = None) -> None:
         import torch
 
+        from hescape.train.loop import to_device
+
         t0 = time.perf_counter()
-        batch = next(it)
-        x = batch["image"].to(self.device, non_blocking=True)
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        g = batch["gene"].to(self.device, non_blocking=True)
+        batch = to_device(next(it), self.device, self.cuda, self.model.image_encoder)
+        x, g = batch["image"], batch["gene"]
         marks = [t0]
 
         def mark() -> None:

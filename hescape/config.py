@@ -163,7 +163,8 @@ class TrainConfig(Strict):
     )
     feature_cache: bool = True
     loader_workers: int = Field(0, ge=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast anywhere")
     channels_last: bool = True
     compile: bool = False
     keep_checkpoints: int = Field(2, ge=1)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hescape.config import ConfigError, StudyConfig
+from hescape.raystart import init_ray
 from hescape.study import lineage
 from hescape.study.resources import (
     check_storage,
@@ -71,17 +72,6 @@ def preflight(cfg: StudyConfig, *, source: str, resume: bool, overwrite: bool) -
     if overwrite and study_dir.exists():
         shutil.rmtree(study_dir)
     return study_dir
-
-
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
 
 
 def run_study(

@@ -174,7 +174,8 @@ def make_train_loader(cfg: StudyConfig, data: TrainInputs, *, encoder: Any, rank
         raise ValueError(f"train.batch_size={tc.batch_size} x {world_size} workers exceeds the "
                          f"{len(dataset)} training spots; lower train.batch_size")
     collate = Collate(None if data.features is not None else encoder, stain=data.stain,
-                      augment=cfg.preprocess.image.stain_augment, seed=tc.seed)
+                      augment=cfg.preprocess.image.stain_augment, seed=tc.seed,
+                      defer_normalize=device.type == "cuda")  # resize/normalise on the GPU
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
                         collate_fn=collate, num_workers=tc.loader_workers,
                         pin_memory=device.type == "cuda",
