@@ -23,6 +23,7 @@ from hescape.config import StudyConfig
 from hescape.losses import create_loss
 from hescape.models import adversary_weight, build_model, donor_loss, param_groups
 from hescape.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from hescape.train.faults import maybe_kill_after_report
 from hescape.train.features import frozen_image_encoder
 from hescape.train.inputs import TrainInputs, load_train_inputs, make_train_loader
 from hescape.train.schedule import get_lr
@@ -126,6 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if verbose:
             print(format_progress(metrics, tc.best_metric), flush=True)
         session.report(metrics, ckpt)
+        maybe_kill_after_report(state.step, session)  # tests only (HESCAPE_FAULT_*)
         t_last = time.perf_counter()  # steps/s counts training time only
         if stop:
             if verbose:

@@ -33,6 +33,7 @@ class Session(Protocol):
     def staging_dir(self) -> Path: ...
     def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None: ...
     def resume_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+    def wait_reported(self, timeout_s: float = 120.0) -> None: ...
 
 
 class RaySession:
@@ -73,6 +74,17 @@ class RaySession:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint.name)
         finally:
             shutil.rmtree(checkpoint.parent, ignore_errors=True)
+
+    def wait_reported(self, timeout_s: float = 120.0) -> None:
+        """Block until the Train controller has registered every report of this worker.
+
+        ``ray.train.report`` only queues a report; the controller picks it up on its next
+        poll (~2 s). A worker that dies in between loses the report and its checkpoint.
+        """
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=timeout_s)
 
     @contextlib.contextmanager
     def resume_checkpoint(self) -> Iterator[Path | None]:
@@ -123,6 +135,9 @@ class LocalSession:
             self._register(checkpoint, metrics)
         if self.callback is not None:
             self.callback(dict(metrics), checkpoint)
+
+    def wait_reported(self, timeout_s: float = 120.0) -> None:
+        """Reports are handled synchronously here: nothing to wait for."""
 
     def _rank(self, checkpoint: Path, metrics: dict[str, Any]) -> list[Path]:
         value = float(metrics.get(self.score, math.nan))

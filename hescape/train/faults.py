@@ -1,0 +1,71 @@
+"""Fault injection for reliability tests: kill a training worker once, deterministically.
+
+Set in the environment of the process that runs ``train_loop_per_worker``. Ray Train V2
+workers see ``os.environ`` as it was when ``ray.init`` started the local cluster (the raylet
+passes it on; later changes do not reach them), or ``ray.init(runtime_env={"env_vars": {...}})``
+(the only way on an existing cluster); both were checked on Ray 2.60:
+
+``HESCAPE_FAULT_KILL_AFTER_STEP=<n>``
+    right after the first report (and checkpoint) at a step >= n, SIGKILL this process.
+``HESCAPE_FAULT_MARKER=<path>`` (required with the above)
+    the once-only guard: the kill happens only if this file does not exist yet, and the file
+    is created (atomically, ``O_EXCL``) just before the kill, holding ``pid step``. The restarted
+    worker sees it and trains on.
+``HESCAPE_FAULT_RANK=<r>`` (default 0)
+    only this world rank is killed.
+``HESCAPE_FAULT_LOG=<path>`` (optional)
+    every report appends ``pid step`` here, so a test can count reports per worker process
+    (restarts, and which steps each process ran) exactly.
+
+Before the kill the hook waits until the report is *committed*: ``session.wait_reported()``
+blocks until the Ray Train controller has registered it (``get_all_reported_checkpoints``
+in COMMITTED mode). Without that wait the report would still sit in the worker's result
+queue (the controller polls every ~2 s) and die with the process: which checkpoint a restart
+resumes from would be a race. Unset, the hook is one environment lookup per report.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+KILL_AFTER_STEP = "HESCAPE_FAULT_KILL_AFTER_STEP"
+MARKER = "HESCAPE_FAULT_MARKER"
+RANK = "HESCAPE_FAULT_RANK"
+LOG = "HESCAPE_FAULT_LOG"
+
+
+def maybe_kill_after_report(step: int, session: Any) -> None:
+    """Called by the loop right after ``session.report``; a no-op unless the env asks."""
+    after = os.environ.get(KILL_AFTER_STEP)
+    if not after:
+        return
+    _inject(int(after), int(step), session)
+
+
+def _inject(after: int, step: int, session: Any) -> None:
+    marker = os.environ.get(MARKER)
+    if not marker:
+        raise RuntimeError(f"{KILL_AFTER_STEP} is set but {MARKER} is not: set both "
+                           "(the marker file makes the kill happen once)")
+    log = os.environ.get(LOG)
+    if log:
+        with open(log, "a") as fh:  # O_APPEND: one short line per write, atomic enough
+            fh.write(f"{os.getpid()} {step}\n")
+    if step < after or getattr(session, "world_rank", 0) != int(os.environ.get(RANK, "0")):
+        return
+    if os.path.exists(marker):
+        return
+    wait = getattr(session, "wait_reported", None)
+    if wait is not None:
+        wait()
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()} {step}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
