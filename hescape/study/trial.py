@@ -150,7 +150,8 @@ def _train_and_evaluate(
     if fitted.best_checkpoint is not None:
         client.set_tag(run_id, "hescape.best_checkpoint", str(fitted.best_checkpoint))
     metrics, artifacts = evaluate_trial(cfg, fitted, out_dir=run_dir / "eval")
-    final = {**_finite_metrics(fitted.metrics), **_finite_metrics(metrics)}
-    log_metrics_retry(client, run_id, final, step=int(fitted.metrics.get("step", 0)))
+    evaluated = _finite_metrics(metrics)  # training metrics were logged per report already
+    log_metrics_retry(client, run_id, evaluated, step=int(fitted.metrics.get("step", 0)))
+    final = {**_finite_metrics(fitted.metrics), **evaluated}
     lineage.log_artifacts(ref, run_id, artifacts, subdir="eval")
     return final

@@ -23,6 +23,7 @@ from hescape.config import StudyConfig
 from hescape.losses import create_loss
 from hescape.models import adversary_weight, build_model, donor_loss, param_groups
 from hescape.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from hescape.train.dataset import resize_normalize
 from hescape.train.faults import maybe_kill_after_report
 from hescape.train.features import frozen_image_encoder
 from hescape.train.inputs import TrainInputs, load_train_inputs, make_train_loader
@@ -61,7 +62,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     session = current_session()
     rank, world = session.world_rank, session.world_size
     device = session.device(tc.use_gpu)
-    bf16 = device.type == "cuda" and tc.precision != "fp32"
+    # auto: bf16 autocast on a GPU, fp32 on CPU; "bf16" asks for it on any device
+    bf16 = tc.precision == "bf16" or (device.type == "cuda" and tc.precision == "auto")
     channels_last = device.type == "cuda" and tc.channels_last
     verbose = bool(config.get("verbose", True)) and rank == 0
 
@@ -90,7 +92,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # ---- one optimisation step
         lr = set_lr(optimizer, step, cfg)
         adv = adversary_weight(step, cfg.model.adversary)
-        batch = to_device(next(batches), device, channels_last)
+        batch = to_device(next(batches), device, channels_last, model.image_encoder)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(gene=batch["gene"], image=batch.get("image"),
                       image_features=batch.get("feature"), adv_weight=adv)
@@ -114,7 +116,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"step": step + 1, "epoch": (step + 1) / sampler.batches_per_epoch(),
                    "train/lr": lr, "train/adv_weight": adv,
                    "train/steps_per_s": running.count / max(train_time, 1e-9),
-                   **running.means(), **validate(model, data, cfg, device=device)}
+                   **running.means(), **validate(model, data, cfg, device=device),
+                   **peak_memory(device)}
         running = RunningMeans()
         net.train()  # validate() left the model in eval mode
         stop = record_evaluation(state, metrics, cfg, done=done)
@@ -197,10 +200,26 @@ def iterate_batches(loader, sampler, *, start_step: int):
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device,
-              channels_last: bool) -> dict[str, torch.Tensor]:
+              channels_last: bool, encoder: Any) -> dict[str, torch.Tensor]:
+    """Copy a batch to ``device``; uint8 images (GPU loaders) are resized/normalised there."""
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if "image" in out and out["image"].dtype == torch.uint8:
+        out["image"] = resize_normalize(out["image"], encoder)
     if channels_last and "image" in out:
         out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This worker's peak memory so far, in MiB: process RSS (``ru_maxrss``, includes the
+    pages of memmapped patches it touched) and, on a GPU, the allocator's peak."""
+    import resource
+    import sys
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"sys/peak_rss_mib": rss_kb / (1024.0**2 if sys.platform == "darwin" else 1024.0)}
+    if device.type == "cuda":
+        out["sys/peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
 

@@ -8,11 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-pytest.importorskip("hescape.train.checkpoint")  # written by the training engineer
-pytest.importorskip("hescape.train.embed")
-
-from hescape.cli import main  # noqa: E402
-from hescape.config import (  # noqa: E402
+from hescape.cli import main
+from hescape.config import (
     DataConfig,
     EvalConfig,
     SimulateConfig,

@@ -62,10 +62,13 @@ def test_tiny_study_end_to_end(tmp_path, ray_local):
         assert "test/r5_img2gene" in metrics and "test/inbatch64_r5_img2gene" not in metrics
         assert any(k.startswith("test/inbatch16_") for k in metrics)
         assert "val/r5_img2gene" in metrics
+        assert metrics["sys/peak_rss_mib"] > 50  # the trial's peak memory (issue #8)
         assert run.data.params["loss.name"] in ("clip", "siglip")
         names.add(run.data.params["loss.name"])
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert len(history) >= 2  # metrics over steps
+        steps = [m.step for m in history]
+        assert len(steps) == len(set(steps)), steps  # each step logged once
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "resolved_config.json" in arts
     assert names == {"clip", "siglip"}

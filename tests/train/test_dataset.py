@@ -57,6 +57,24 @@ def test_augmented_collate_is_deterministic_per_batch():
     assert not torch.allclose(a["image"], plain["image"])
 
 
+def test_deferred_collate_normalised_on_device_equals_loader_path():
+    """GPU loaders hand over uint8 (4x fewer bytes); the loop's to_device finishes the job and
+    must give exactly what the CPU collate gives (here on CPU, the same code path)."""
+    from hescape.train.loop import to_device
+
+    ds = PairedDataset(np.arange(5), gene_x=np.zeros((5, 2), np.float32),
+                       donors=np.zeros(5, int), patches=_patches(5))
+    enc = create_image_encoder(ImageEncoderConfig(name="tiny_cnn", image_size=24))
+    items = [ds[i] for i in range(5)]
+    deferred = Collate(enc, defer_normalize=True)(items)
+    assert deferred["image"].dtype == torch.uint8 and deferred["image"].shape == (5, 3, 16, 16)
+    done = to_device(deferred, torch.device("cpu"), channels_last=True, encoder=enc)
+    torch.testing.assert_close(done["image"], Collate(enc)(items)["image"])
+    assert done["image"].is_contiguous(memory_format=torch.channels_last)
+    # HED jitter needs floats: deferral is ignored when augmenting
+    assert Collate(enc, augment=0.1, defer_normalize=True)(items)["image"].dtype == torch.float32
+
+
 def test_sampler_shards_disjointly_and_resumes_mid_epoch():
     ds = PairedDataset(np.arange(50), gene_x=np.zeros((50, 1), np.float32),
                        donors=np.zeros(50, int), features=np.zeros((50, 2), np.float32))

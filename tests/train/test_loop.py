@@ -52,6 +52,31 @@ def test_resumed_run_matches_uninterrupted(make_cfg, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_autocast_and_compile_paths_train(make_cfg, tmp_path):
+    """The GPU precision path (bf16 autocast, asked for explicitly so it runs on CPU) and the
+    peak-memory metrics; torch.compile is covered in the slow variant below."""
+    cfg = make_cfg(max_steps=10, eval_every=5, precision="bf16")
+    result = fit(cfg, run_dir=tmp_path / "bf16", verbose=False)
+    assert np.isfinite(result.metrics["train/loss"]) and np.isfinite(result.metrics["val/loss"])
+    assert result.metrics["sys/peak_rss_mib"] > 50  # a torch process is at least this big
+    fp32 = fit(make_cfg(max_steps=10, eval_every=5, precision="fp32"),
+               run_dir=tmp_path / "fp32", verbose=False)
+    # autocast really ran: bf16 rounding changes the loss, but not by much
+    assert result.metrics["train/loss"] != fp32.metrics["train/loss"]
+    assert result.metrics["train/loss"] == pytest.approx(fp32.metrics["train/loss"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(make_cfg, tmp_path):
+    eager = fit(make_cfg(max_steps=6, eval_every=3, precision="fp32"),
+                run_dir=tmp_path / "eager", verbose=False)
+    compiled = fit(make_cfg(max_steps=6, eval_every=3, precision="fp32", compile=True),
+                   run_dir=tmp_path / "compiled", verbose=False)
+    for key in ("train/loss", "val/loss"):
+        # fused kernels round differently: close, not bitwise
+        assert compiled.metrics[key] == pytest.approx(eager.metrics[key], rel=1e-2)
+
+
 def test_rerun_in_same_run_dir_resumes(make_cfg, tmp_path):
     cfg = make_cfg(max_steps=20, eval_every=10)
     fit(cfg, run_dir=tmp_path / "run", verbose=False)
