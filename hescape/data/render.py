@@ -1,4 +1,4 @@
-"""Procedural H&E-like patches: eosin stroma, haematoxylin nuclei, lumen; donor stain shifts.
+"""Procedural H&E-like patches: eosin stroma, nuclei, lymphocytes, lumen; donor stain shifts.
 
 Colours follow Beer-Lambert: RGB = 255 * exp(-(h * H_od + e * E_od)), with the
 Ruifrok-Johnston stain vectors; a donor perturbs the vectors, blurs and adds noise.
@@ -14,6 +14,14 @@ from scipy import ndimage
 
 H_OD = np.array([0.65, 0.70, 0.29], dtype=np.float32)
 E_OD = np.array([0.07, 0.99, 0.11], dtype=np.float32)
+DENSITY_GAIN = 0.7   # log nuclei density per unit of spot factor 0 (cellularity)
+STROMA_GAIN = 0.5    # log stroma eosin per unit of spot factor 1
+SIZE_GAIN = 1.0      # log nucleus-threshold per unit of spot factor 2 (nuclear size)
+TEXTURE_GAIN = 1.0   # log fibre-texture contrast per unit of spot factor 3
+HEMA_GAIN = 0.3      # log haematoxylin (chromatin) intensity per unit of spot factor 4
+LYMPH_RATE = 3.0     # mean count of small round lymphocyte nuclei per patch at factor 5 = 0
+LYMPH_GAIN = 1.0     # log lymphocyte count per unit of spot factor 5
+N_RENDERED = 6       # spot factors the renderer reads
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,9 @@ def _smooth_noise(rng: np.random.Generator, n: int, size: int, grid: int) -> np.
 
 
 def _nuclei(rng, looks: list[StateLook], states: np.ndarray, size: int,
-            size_scale: np.ndarray, density_scale: np.ndarray) -> np.ndarray:
+            size_scale: np.ndarray, density_scale: np.ndarray,
+            threshold: np.ndarray | None = None,
+            lymph_rate: np.ndarray | None = None) -> np.ndarray:
     """Haematoxylin concentration map of the nuclei, N x S x S in [0, ~1.3].
 
     A patch covers a fixed field of view, so the nuclei count does not depend on ``size``.
@@ -106,8 +116,17 @@ def _nuclei(rng, looks: list[StateLook], states: np.ndarray, size: int,
             sy, sx = (sig * look.aspect, sig) if f else (sig, sig * look.aspect)
             peak = 1.0 / (2 * np.pi * sy * sx)
             out[sel] = ndimage.gaussian_filter(out[sel], (0, sy, sx), truncate=3.0) / peak
+    if lymph_rate is not None and lymph_rate.max() > 0:  # small dark round nuclei
+        lym = np.zeros_like(out)
+        counts = rng.poisson(lymph_rate)
+        rows = np.repeat(np.arange(n), counts)
+        ys, xs = rng.integers(0, work, len(rows)), rng.integers(0, work, len(rows))
+        np.add.at(lym, (rows, ys, xs), 1.0)
+        sig = 0.6 * scale
+        out += ndimage.gaussian_filter(lym, (0, sig, sig), truncate=3.0) * (2 * np.pi * sig**2)
     out = resize_stack(out, size)
-    return np.clip(1.3 * (out - 0.25), 0.0, 1.3)
+    thr = np.full(n, 0.25, np.float32) if threshold is None else threshold.astype(np.float32)
+    return np.clip(1.3 * (out - thr[:, None, None]), 0.0, 1.3)
 
 
 def _lumen(rng, looks: list[StateLook], states: np.ndarray, size: int) -> np.ndarray:
@@ -125,19 +144,27 @@ def render_patches(states: np.ndarray, donor_idx: np.ndarray, mutated: np.ndarra
                    rng: np.random.Generator, factors: np.ndarray | None = None) -> np.ndarray:
     """Render uint8 N x size x size x 3 patches for spots with these states/donors.
 
-    ``factors`` (N x >=2, continuous spot factors also driving expression) modulate nuclei
-    density (cellularity) and stroma eosin, so images carry spot-level signal beyond state.
+    ``factors`` (N x k, the continuous spot factors that also drive expression; missing
+    columns count as 0) modulate, in order: nuclei density (cellularity), stroma eosin,
+    nuclear size, fibre-texture contrast, chromatin (haematoxylin) intensity and the number
+    of small lymphocyte nuclei, so images carry spot-level signal beyond the state.
     """
     n = len(states)
-    if factors is None:
-        factors = np.zeros((n, 2), dtype=np.float32)
+    f = np.zeros((n, N_RENDERED), dtype=np.float32)
+    if factors is not None:
+        k = min(N_RENDERED, factors.shape[1])
+        f[:, :k] = factors[:, :k]
     size_scale = np.where(mutated, 1.12, 1.0)  # subtle morphology cue of the mutation
-    h = _nuclei(rng, looks, states, size, size_scale, np.exp(0.7 * factors[:, 0]))
+    h = _nuclei(rng, looks, states, size, size_scale, np.exp(DENSITY_GAIN * f[:, 0]),
+                threshold=np.clip(0.25 * np.exp(-SIZE_GAIN * f[:, 2]), 0.05, 0.7),
+                lymph_rate=LYMPH_RATE * np.exp(LYMPH_GAIN * f[:, 5]))
+    h = h * np.exp(HEMA_GAIN * f[:, 4]).astype(np.float32)[:, None, None]
     lumen = _lumen(rng, looks, states, size)
     fibres = _smooth_noise(rng, n, size, max(3, min(size, 64) // 6))
     stroma = np.array([looks[s].stroma for s in states], dtype=np.float32)
-    stroma = (stroma * np.exp(0.5 * factors[:, 1]).astype(np.float32))[:, None, None]
-    e = stroma * (0.55 + 0.9 * fibres) * (1.0 - lumen)
+    stroma = (stroma * np.exp(STROMA_GAIN * f[:, 1]).astype(np.float32))[:, None, None]
+    contrast = np.clip(0.45 * np.exp(TEXTURE_GAIN * f[:, 3]), 0.05, 0.95)[:, None, None]
+    e = stroma * (1.0 - contrast + 2.0 * contrast * fibres) * (1.0 - lumen)
     h = h * (1.0 - 0.8 * lumen) + 0.04
     out = np.empty((n, size, size, 3), dtype=np.uint8)
     for d in np.unique(donor_idx):

@@ -1,10 +1,17 @@
 """The simulator: paired counts + H&E-like patches with known truth (the default dataset).
 
-Per slide a smooth random field picks a latent state per spot. Counts are negative-binomial
-from a low-rank state model; a donor shifts library size, scales genes and adds dropout
-(all scaled by ``donor_effect``). Patches are rendered from the same state (see
-``render``) with a donor stain look scaled by ``stain_effect``. A donor-level mutation
-raises a small gene program and slightly enlarges nuclei.
+Per slide a smooth random field picks a latent state per spot, and ``N_CONTINUOUS`` further
+fields (shorter correlation length) give each spot continuous factors (cellularity, stroma,
+nuclear size, fibre texture, chromatin, lymphocytes). Counts are negative-binomial from a
+low-rank state model plus gene loadings of the factors; a donor shifts library size, scales
+genes and adds dropout (all scaled by ``donor_effect``). Patches are rendered from the same
+state and factors (see ``render``) with a donor stain look scaled by ``stain_effect``, so a
+spot is identifiable beyond its state in both modalities (what cross-modal retrieval needs).
+A donor-level mutation raises a small gene program and slightly enlarges nuclei.
+
+The strengths below are balanced against each other: the states stay the dominant
+expression clusters, a strong donor effect still dominates expression neighbourhoods, and
+the factors carry enough per-spot signal for held-out retrieval well above chance.
 """
 
 from __future__ import annotations
@@ -24,7 +31,12 @@ from hescape.data.render import donor_stain, render_patches, state_looks
 SPOT_PITCH_UM = 100.0      # Visium centre-to-centre distance
 PATCH_UM = 100.0           # field of view of one patch
 RANK = 6
-N_CONTINUOUS = 2           # smooth per-spot factors seen by both modalities (cellularity, ...)
+STATE_LFC_SCALE = 1.2      # strength of the latent states in expression
+N_CONTINUOUS = 6           # per-spot factors seen by both modalities (render_patches reads 6)
+BASE_LOG_MEAN = 1.5        # mean log rate of a gene (sets the sequencing depth)
+CONT_LFC_SD = 0.3          # loadings of the continuous factors on genes
+CONT_SCALE = 1.0           # sd of a continuous factor
+FACTOR_LENGTH_UM = 80.0    # spatial correlation length of the continuous factors
 CHUNK = 512
 
 
@@ -40,11 +52,11 @@ class Truth:
 
 def _truth(cfg: SimulateConfig, rng: np.random.Generator) -> Truth:
     g = cfg.n_genes
-    base = rng.normal(1.0, 1.0, g)
+    base = rng.normal(BASE_LOG_MEAN, 1.0, g)
     lfc = rng.normal(0, 1, (cfg.n_states, RANK)) @ rng.normal(0, 1.0 / np.sqrt(RANK), (RANK, g))
     mut = rng.choice(g, size=max(2, g // 12), replace=False)
-    cont = rng.normal(0, 0.5, (N_CONTINUOUS, g))
-    return Truth(base=base, state_lfc=1.2 * lfc, mut_genes=np.sort(mut), cont_lfc=cont)
+    cont = rng.normal(0, CONT_LFC_SD, (N_CONTINUOUS, g))
+    return Truth(base=base, state_lfc=STATE_LFC_SCALE * lfc, mut_genes=np.sort(mut), cont_lfc=cont)
 
 
 def spot_grid(n: int) -> np.ndarray:
@@ -103,7 +115,7 @@ def _simulate_obs(cfg: SimulateConfig, rng: np.random.Generator):
         for s, n in enumerate(_slide_layout(cfg)):
             xy = spot_grid(n)
             field = latent_field(xy, cfg.n_states, rng)
-            conts.append(latent_field(xy, N_CONTINUOUS, rng, length_um=200.0) / 2.0)
+            conts.append(latent_field(xy, N_CONTINUOUS, rng, length_um=FACTOR_LENGTH_UM) * CONT_SCALE)
             state = field.argmax(1)
             w = np.exp(6.0 * (field - field.max(1, keepdims=True)))
             weights.append(w / w.sum(1, keepdims=True))

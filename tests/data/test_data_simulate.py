@@ -106,3 +106,57 @@ def test_full_size_6x1000_at_64px(tmp_path):
     data = load_paired(simulate(tmp_path / "big", SimulateConfig(
         n_donors=6, spots_per_donor=1000, patch_size=64), progress=False))
     assert data.adata.n_obs == 6000 and data.patches.shape == (6000, 64, 64, 3)
+
+
+def _image_features(patches: np.ndarray) -> np.ndarray:
+    """Nuclei count / size / small-nuclei count, dark area, per-channel optical density
+    (mean, spread, inside and outside the nuclei): what a pathologist's eye would measure."""
+    from scipy import ndimage
+
+    p = np.asarray(patches, dtype=np.float32) / 255.0
+    od = -np.log(np.clip(p, 1 / 255, 1))
+    dark = p.mean(-1) < 0.55
+    blobs = []
+    for mask in dark:
+        lab, n = ndimage.label(mask)
+        sizes = np.bincount(lab.ravel())[1:] if n else np.zeros(1)
+        blobs.append([n, sizes.mean(), (sizes <= 2).sum(), (sizes > 2).sum()])
+    inside = dark[..., None]
+    return np.concatenate([
+        np.asarray(blobs, np.float32), dark.mean((1, 2))[:, None], od.mean((1, 2)),
+        od.std((1, 2)), (od * inside).sum((1, 2)) / np.maximum(inside.sum((1, 2)), 1),
+        (od * ~inside).sum((1, 2)) / np.maximum((~inside).sum((1, 2)), 1)], axis=1)
+
+
+def _heldout_donor_r(x: np.ndarray, y: np.ndarray, donors: np.ndarray) -> np.ndarray:
+    """Pearson r per column of y: ridge fitted on the first donor, scored on the others."""
+    from sklearn.linear_model import RidgeCV
+
+    fit_rows, test_rows = donors == donors[0], donors != donors[0]
+    mu, sd = x[fit_rows].mean(0), x[fit_rows].std(0) + 1e-6
+    x = (x - mu) / sd
+    rs = []
+    for j in range(y.shape[1]):
+        model = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(x[fit_rows], y[fit_rows, j])
+        rs.append(np.corrcoef(model.predict(x[test_rows]), y[test_rows, j])[0, 1])
+    return np.asarray(rs)
+
+
+def test_every_spot_factor_shows_in_both_modalities(tmp_path):
+    """Each continuous spot factor is readable on another donor from simple patch statistics
+    and from the expression: the shared per-spot signal cross-modal retrieval relies on.
+    Measured at writing (seeds 3-6): images r 0.18-0.91 per factor (nuclear size lowest),
+    mean over factors >= 0.51; expression r >= 0.89."""
+    from hescape.preprocess import normalize_log1p
+
+    cfg = SimulateConfig(n_donors=2, spots_per_donor=400, n_states=3, patch_size=32,
+                         stain_effect=0.0, donor_effect=0.0, n_genes=60, seed=3)
+    data = load_paired(simulate(tmp_path / "ds", cfg, progress=False))
+    factors = np.asarray(data.adata.obsm["sim_factors"])
+    donors = data.adata.obs["donor"].to_numpy()
+    state = np.eye(3)[data.adata.obs["state"].astype("category").cat.codes]
+    r_img = _heldout_donor_r(np.hstack([_image_features(data.patches), state]), factors, donors)
+    r_expr = _heldout_donor_r(normalize_log1p(data.adata), factors, donors)
+    assert factors.shape[1] >= 6
+    assert (r_img > 0.12).all() and r_img.mean() > 0.4, r_img
+    assert (r_expr > 0.6).all(), r_expr
