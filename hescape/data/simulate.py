@@ -28,6 +28,7 @@ from hescape.config import SimulateConfig, SplitConfig
 from hescape.data.contract import DatasetWriter, resolve_split
 from hescape.data.render import donor_stain, render_patches, state_looks
 
+SIMULATOR_VERSION = 2      # bump when the same SimulateConfig would give different data
 SPOT_PITCH_UM = 100.0      # Visium centre-to-centre distance
 PATCH_UM = 100.0           # field of view of one patch
 RANK = 6

@@ -35,9 +35,11 @@ def resolve_dataset(cfg: StudyConfig, *, progress: bool = True) -> Path:
         return Path(cfg.data.path).expanduser().resolve()
     from filelock import FileLock
 
-    from hescape.data import simulate
+    from hescape.data.simulate import SIMULATOR_VERSION, simulate
 
-    spec = {"simulate": cfg.data.simulate.model_dump(), "split": cfg.data.split.model_dump()}
+    # the simulator's version is part of the key: a changed simulator never reuses old data
+    spec = {"simulate": cfg.data.simulate.model_dump(), "split": cfg.data.split.model_dump(),
+            "version": SIMULATOR_VERSION}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     out = cache_root(cfg) / "data" / f"sim-{key}"
     out.parent.mkdir(parents=True, exist_ok=True)

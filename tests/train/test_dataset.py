@@ -88,3 +88,24 @@ def test_sampler_shards_disjointly_and_resumes_mid_epoch():
     assert shards[0].batches_per_epoch() == 3  # drop_last contrastive batches
     shards[0].set_position(epoch=2, skip_batches=2)
     assert list(shards[0]) == orders[0][16:]
+
+
+def test_simulated_dataset_cache_is_keyed_by_simulator_version(tmp_path, monkeypatch):
+    """A changed simulator must not silently reuse data simulated by the old one."""
+    import importlib
+
+    from hescape.config import StudyConfig
+    from hescape.train.inputs import resolve_dataset
+
+    simulate_module = importlib.import_module("hescape.data.simulate")  # not the function
+
+    cfg = StudyConfig.model_validate({
+        "name": "t", "storage_dir": str(tmp_path),
+        "data": {"simulate": {"n_donors": 3, "spots_per_donor": 20, "patch_size": 16,
+                              "n_genes": 20}}})
+    first = resolve_dataset(cfg, progress=False)
+    assert resolve_dataset(cfg, progress=False) == first  # cached
+    monkeypatch.setattr(simulate_module, "SIMULATOR_VERSION",
+                        simulate_module.SIMULATOR_VERSION + 1)
+    second = resolve_dataset(cfg, progress=False)
+    assert second != first and (second / "manifest.json").is_file()
