@@ -6,7 +6,10 @@ expression preprocessing is re-applied to the dataset (same variant, through the
 preprocessing cache) and must yield the checkpoint's feature names. Image-only datasets
 (no counts) get image embeddings and the image-side probes (mutation, label, mixing).
 The frozen-image baseline is the checkpoint's image encoder as configured before
-contrastive training (its pretrained weights, or the fixed-seed random init).
+contrastive training (its pretrained weights, or the fixed-seed random init). A frozen
+backbone evaluated on its training dataset reads the study's feature cache (the checkpoint's
+``features_path``) for both the model's image embeddings and that baseline: no patch is
+encoded again (identical metrics, tested).
 """
 
 from __future__ import annotations
@@ -70,29 +73,51 @@ class _Rows:
         return np.asarray(self.patches[self.rows[sl]])
 
 
-def embed_rows(model, paired, rows, *, gene_x, stain, device, batch_size, progress) -> dict:
-    """Unit-norm ``img`` (and ``gene`` with expression) embeddings of ``rows``."""
+def embed_rows(model, paired, rows, *, gene_x, stain, device, batch_size, progress,
+               features=None) -> dict:
+    """Unit-norm ``img`` (and ``gene`` with expression) embeddings of ``rows``.
+
+    ``features``: the frozen image backbone's cached features of every obs (then no patch
+    is encoded here), else the patches are read and encoded batch by batch.
+    """
     import torch
     from tqdm.auto import tqdm
 
     from hescape.train.dataset import images_to_input
     from hescape.train.embed import compute_embeddings
 
+    source = {"images": paired.patches} if features is None else {"features": features}
     img, gene = [], []
     for start in tqdm(range(0, len(rows), CHUNK), desc="embed", disable=not progress):
         part = rows[start : start + CHUNK]
         if gene_x is not None:
-            e = compute_embeddings(model, gene_x=gene_x, images=paired.patches, rows=part,
-                                   batch_size=batch_size, device=device, stain=stain)  # fmt: skip
+            e = compute_embeddings(model, gene_x=gene_x, rows=part, batch_size=batch_size,
+                                   device=device, stain=stain, **source)  # fmt: skip
             img.append(e["img"])
             gene.append(e["gene"])
             continue
         with torch.no_grad():
             for s in range(0, len(part), batch_size):
-                x = images_to_input(np.asarray(paired.patches[part[s : s + batch_size]]),
-                                    model.image_encoder, stain=stain)  # fmt: skip
+                sl = part[s : s + batch_size]
+                if features is not None:
+                    f = torch.as_tensor(np.asarray(features[sl], dtype=np.float32), device=device)
+                    img.append(model.encode_image(features=f).float().cpu().numpy())
+                    continue
+                x = images_to_input(np.asarray(paired.patches[sl]), model.image_encoder,
+                                    stain=stain)  # fmt: skip
                 img.append(model.encode_image(x.to(device)).float().cpu().numpy())
     return {"img": np.concatenate(img), "gene": np.concatenate(gene) if gene else None}
+
+
+def cached_features(model, meta: dict, paired) -> np.ndarray | None:
+    """The training run's frozen-backbone feature cache (memmapped), when it is this
+    dataset's (same fingerprint, one row per obs) and the backbone is frozen; else None."""
+    path = meta.get("features_path")
+    if not (model.image_frozen and path and Path(path).is_file()
+            and meta.get("fingerprint") == paired.fingerprint):
+        return None
+    feats = np.load(path, mmap_mode="r")
+    return feats if feats.ndim == 2 and feats.shape[0] == paired.adata.n_obs else None
 
 
 def frozen_features(cfg: StudyConfig, paired, rows, *, stain, device, batch_size, progress):
@@ -176,8 +201,13 @@ def evaluate_checkpoint(
     gene_x, expr_log, gene_names = _expression(cfg, meta, paired)
     stain = fit_stain(cfg, paired)
     kw = dict(stain=stain, device=device, batch_size=batch_size, progress=progress)
-    emb = embed_rows(model, paired, rows, gene_x=gene_x, **kw)
+    cached = cached_features(model, meta, paired)  # frozen backbone: encoded once per study
+    emb = embed_rows(model, paired, rows, gene_x=gene_x, features=cached, **kw)
     ecfg = eval_config(cfg.eval, eval_overrides or [])
+    baseline = None
+    if ecfg.baselines:
+        baseline = (np.asarray(cached[rows], dtype=np.float32) if cached is not None
+                    else frozen_features(cfg, paired, rows, **kw))
     obs = paired.adata.obs.iloc[rows]
     metrics, arts = evaluate_embeddings(
         img=emb["img"], gene=emb["gene"], obs=obs,
@@ -186,7 +216,7 @@ def evaluate_checkpoint(
         label_key=label_key or cfg.data.label_key,
         mutation_key=mutation_key or cfg.data.mutation_key,
         out_dir=out_dir, batch_key=cfg.data.batch_key, split=test_part, progress=progress,
-        baseline_features=frozen_features(cfg, paired, rows, **kw) if ecfg.baselines else None,
+        baseline_features=baseline,
     )  # fmt: skip
     path = Path(out_dir) / "metrics.json"
     path.write_text(json.dumps(metrics, indent=1, sort_keys=True, allow_nan=True))

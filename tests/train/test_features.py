@@ -85,3 +85,32 @@ def test_two_concurrent_requests_compute_once(make_cfg, tiny_data, tmp_path):
     assert log.read_text().count("computed") == 1
     cache_dir = Path(paths.pop()).parent
     assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_evaluation_reuses_the_feature_cache_with_identical_metrics(make_cfg, tmp_path,
+                                                                     monkeypatch):
+    """A frozen-backbone trial's evaluation reads the study's feature cache (no patch is
+    encoded, baseline included) and gives the metrics that re-encoding gives."""
+    from hescape.evaluate.checkpoint_eval import evaluate_checkpoint
+
+    cfg = make_cfg(max_steps=10, eval_every=10)
+    result = fit(cfg, run_dir=tmp_path / "run", verbose=False)
+    overrides = ["plots=false", "inbatch_repeats=2", "baselines=true"]
+    calls = []
+    real_encode = features_mod.encode_patches
+    monkeypatch.setattr(features_mod, "encode_patches",
+                        lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    data = cfg.data.path
+    cached, _ = evaluate_checkpoint(result.best_checkpoint, data, out_dir=tmp_path / "e1",
+                                    eval_overrides=overrides, progress=False)
+    assert calls == []  # nothing re-encoded
+    feats = Path(load_checkpoint(result.best_checkpoint, with_train_state=False)
+                 .meta["features_path"])
+    feats.rename(feats.with_name("moved.npy"))  # no cache: encode the patches
+    encoded, _ = evaluate_checkpoint(result.best_checkpoint, data, out_dir=tmp_path / "e2",
+                                     eval_overrides=overrides, progress=False)
+    assert calls == [1]  # the frozen baseline re-encoded the patches
+    assert any(k.startswith("test/baseline") or "frozen" in k for k in cached), sorted(cached)
+    assert cached.keys() == encoded.keys()
+    for key, value in encoded.items():
+        assert cached[key] == pytest.approx(value, rel=1e-4, abs=1e-5, nan_ok=True), key
