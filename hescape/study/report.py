@@ -24,7 +24,7 @@ from hescape.study.tuner import objectives
 
 KEY_METRICS = (
     "test/r5_img2gene", "test/r5_gene2img", "test/inbatch64_r5_img2gene",
-    "test/probe_pearson_mean", "test/mutation_auroc", "test/gene_ilisi", "test/gene_kbet",
+    "test/probe_pearson_mean", "test/mutation_auroc_pooled", "test/gene_ilisi", "test/gene_kbet",
     "val/r5_img2gene",
 )
 
@@ -43,18 +43,91 @@ def leaderboard(rows: list[dict[str, Any]], metric: str, mode: str) -> pd.DataFr
     return df.sort_values(metric, ascending=(mode == "min"), na_position="last")
 
 
+MAX_LEVELS = 4  # a numeric factor with more distinct values is shown in quantile bins
+
+
 def ablation(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, pd.DataFrame]:
-    """Per sweep factor: mean +/- sd (and n) of each metric per factor level, over seeds."""
+    """Per sweep factor: mean +/- sd (and n) of each metric per factor level, over seeds.
+
+    A numeric factor sampled continuously (TPE/random: more than ``MAX_LEVELS`` distinct
+    values) is grouped in ``MAX_LEVELS - 1`` quantile bins labelled by their range; trials
+    where a conditional factor is absent form the ``(base)`` level.
+    """
     done = [r for r in rows if r["status"] == "FINISHED"]
     factors = sorted({k for r in done for k in r["sweep_params"] if k != "train.seed"})
     tables = {}
     for factor in factors:
-        recs = [{"level": str(r["sweep_params"].get(factor, "(base)")),
-                 **{m: r["metrics"].get(m, np.nan) for m in metrics}} for r in done]
+        values = [r["sweep_params"].get(factor) for r in done]
+        levels = _levels(values)
+        recs = [{"level": level, **{m: r["metrics"].get(m, np.nan) for m in metrics}}
+                for level, r in zip(levels, done)]
         df = pd.DataFrame(recs)
-        agg = df.groupby("level").agg(["mean", "std", "count"])
-        tables[factor] = agg
+        agg = df.groupby("level", sort=False).agg(["mean", "std", "count"])
+        tables[factor] = agg.loc[sorted(agg.index, key=_level_order(values, levels))]
     return tables
+
+
+def _levels(values: list[Any]) -> list[str]:
+    """One label per value: itself, or its quantile bin for a many-valued numeric factor."""
+    numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(set(numeric)) <= MAX_LEVELS or len(numeric) != sum(v is not None for v in values):
+        return ["(base)" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                for v in values]
+    edges = np.quantile(numeric, np.linspace(0, 1, MAX_LEVELS))
+    labels = []
+    for v in values:
+        if v is None:
+            labels.append("(base)")
+            continue
+        i = min(int(np.searchsorted(edges, v, side="right")) - 1, len(edges) - 2)
+        labels.append(f"[{edges[i]:.3g}, {edges[i + 1]:.3g}]")
+    return labels
+
+
+def _level_order(values: list[Any], levels: list[str]):
+    """Sort key: (base) first, then levels by their smallest value (numbers numerically)."""
+    first: dict[str, Any] = {}
+    for v, level in zip(values, levels):
+        first.setdefault(level, v)
+
+    def key(level: str) -> tuple:
+        v = first.get(level)
+        if v is None:
+            return (0, 0.0, "")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return (1, float(v), "")
+        return (2, 0.0, str(v))
+
+    return key
+
+
+def baseline_comparison(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Tasks x feature sets over finished trials (mean ± sd): does contrastive training beat
+    the frozen image encoder and PCA of expression on each held-out task?"""
+    from hescape.evaluate.baselines import comparison_table
+
+    tables = []
+    for r in rows:
+        if r["status"] != "FINISHED":
+            continue
+        m = {k.removeprefix("test/"): v for k, v in r["metrics"].items()
+             if k.startswith("test/")}
+        names = sorted({k.split("_")[1] for k in m
+                        if k.startswith("baseline_") and not k.startswith("baseline_pca_")})
+        table = comparison_table(m, names)
+        if len(table) and table.shape[1] > 2 and table.iloc[:, 2:].notna().any().any():
+            tables.append(table)
+    if not tables:
+        return pd.DataFrame()
+    stacked = pd.concat(tables)
+    grouped = stacked.groupby(level=0, sort=False)
+    mean, sd, n = grouped.mean(), grouped.std(), grouped.count()
+    out = pd.DataFrame(index=mean.index, columns=mean.columns, dtype=object)
+    for col in mean.columns:
+        out[col] = [("" if c == 0 else f"{a:.3f} ± {b:.3f}" if c > 1 else f"{a:.3f}")
+                    for a, b, c in zip(mean[col], sd[col].fillna(0), n[col])]
+    out.columns = [c.replace("_", " ") for c in out.columns]
+    return out
 
 
 def pareto_front(rows: list[dict[str, Any]], metrics: list[str], modes: list[str]) -> list[str]:
@@ -173,6 +246,15 @@ def _markdown(cfg, rows, board, tables, front, shared_work, plots) -> str:
                              **{k.split("/")[-1]: x for k, x in v["metrics"].items()
                                 if isinstance(x, (int, float))}} for v in shared_work["variants"]])
         lines.append(pre.to_markdown(index=False, floatfmt=".3f"))
+    comparison = baseline_comparison(rows)
+    if not comparison.empty:
+        lines += ["", "## Contrastive training vs baselines (held-out donors, finished trials, "
+                  "mean ± sd)", "",
+                  "`contrastive img`/`gene`: the trained embeddings; `frozen img`: the image "
+                  "encoder before contrastive training; `pca expr`: PCA of expression. Higher "
+                  "is better on every row; HESCAPE found contrastive training helps mutation "
+                  "prediction and hurts expression prediction.", ""]
+        lines.append(comparison.to_markdown())
     for factor, df in tables.items():
         lines += ["", f"## Ablation: `{factor}` (mean ± sd over seeds and other factors)", ""]
         lines.append(_fmt_ablation(df).to_markdown())
