@@ -98,13 +98,13 @@ def _checkpoint_step(path: Path | None) -> int | None:
 # ------------------------------------------------------------------------- Ray Train
 def _fit_ray(config: dict[str, Any], cfg: StudyConfig, run_dir: Path,
              callback: ReportCallback | None) -> FitResult:
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=bool(config["verbose"]))
+    from hescape.raystart import init_ray
+
+    init_ray(None, log_to_driver=bool(config["verbose"]))  # no-op inside a study / job
     tc = cfg.train
     reports: Queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
