@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from hescape.models.adversary import (
+    AdversaryWeight,
     DonorClassifier,
     accuracy_vs_chance,
     adversary_weight,
+    confusion_loss,
     donor_loss,
     grad_reverse,
 )
@@ -38,6 +40,7 @@ def check_gene_encoder_name(name: str) -> str | None:
 
 
 __all__ = [
+    "AdversaryWeight",
     "DonorClassifier",
     "ImageEncoder",
     "ImagePreset",
@@ -48,6 +51,7 @@ __all__ = [
     "build_model",
     "check_gene_encoder_name",
     "check_image_encoder_name",
+    "confusion_loss",
     "create_gene_encoder",
     "create_image_encoder",
     "donor_loss",
