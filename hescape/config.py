@@ -121,19 +121,10 @@ class GeneEncoderConfig(Strict):
 
 class AdversaryConfig(Strict):
     enabled: bool = False
-    weight: float = Field(0.0, ge=0.0, description="lambda of the adversarial term (see objective)")
+    weight: float = Field(0.0, ge=0.0, description="lambda of the gradient-reversal loss")
     towers: list[Literal["image", "gene"]] = ["gene"]
     warmup_steps: int = Field(0, ge=0)
     hidden_dim: int = Field(64, ge=4)
-    objective: Literal["reverse", "confusion"] = Field(
-        "reverse",
-        description="reverse: gradient reversal (encoder maximises the donor classifier's CE; "
-        "can scramble labels, classifier below chance, while a fresh probe still decodes the "
-        "donor). confusion (Tzeng et al. 2015): the classifier trains on detached embeddings, "
-        "the encoder is pushed towards a uniform donor prediction (weight x CE to uniform, "
-        "through the classifier with frozen parameters); on the simulator it never scrambled "
-        "but removed less donor signal than reverse (numbers: hescape/models/adversary.py). "
-        "Both use weight and warmup_steps.")
 
 
 class ModelConfig(Strict):

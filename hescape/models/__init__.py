@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from hescape.models.adversary import (
-    AdversaryWeight,
     DonorClassifier,
     accuracy_vs_chance,
     adversary_weight,
-    confusion_loss,
     donor_loss,
     grad_reverse,
 )
@@ -40,7 +38,6 @@ def check_gene_encoder_name(name: str) -> str | None:
 
 
 __all__ = [
-    "AdversaryWeight",
     "DonorClassifier",
     "ImageEncoder",
     "ImagePreset",
@@ -51,7 +48,6 @@ __all__ = [
     "build_model",
     "check_gene_encoder_name",
     "check_image_encoder_name",
-    "confusion_loss",
     "create_gene_encoder",
     "create_image_encoder",
     "donor_loss",
