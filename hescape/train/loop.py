@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bf16 = tc.precision == "bf16" or (device.type == "cuda" and tc.precision == "auto")
     channels_last = device.type == "cuda" and tc.channels_last
     verbose = bool(config.get("verbose", True)) and rank == 0
+    reset_peak_memory(device)
 
     # ---- inputs prepared by the driver (paths only), model, optimiser, resume
     data = load_train_inputs(config, cfg)
@@ -210,14 +212,32 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device,
     return out
 
 
-def peak_memory(device: torch.device) -> dict[str, float]:
-    """This worker's peak memory so far, in MiB: process RSS (``ru_maxrss``, includes the
-    pages of memmapped patches it touched) and, on a GPU, the allocator's peak."""
-    import resource
-    import sys
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak-memory count (a Tune actor reused across trials keeps its
+    process): Linux resets the RSS high-water mark with ``5 > /proc/self/clear_refs``."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux (or not allowed): the figure is the process's peak
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"sys/peak_rss_mib": rss_kb / (1024.0**2 if sys.platform == "darwin" else 1024.0)}
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This run's peak memory so far, in MiB: process RSS (VmHWM since
+    ``reset_peak_memory``, else ``ru_maxrss``; includes the pages of memmapped patches it
+    touched) and, on a GPU, the allocator's peak."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        rss_kib = float(next(ln.split()[1] for ln in status.splitlines()
+                             if ln.startswith("VmHWM:")))
+    except (OSError, StopIteration):
+        import resource
+        import sys
+
+        rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_kib /= 1024.0 if sys.platform == "darwin" else 1.0
+    out = {"sys/peak_rss_mib": rss_kib / 1024.0}
     if device.type == "cuda":
         out["sys/peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out

@@ -1,5 +1,7 @@
 """In-process training on the simulator: learns, resumes exactly, stops on NaN."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,20 @@ def test_bf16_autocast_and_compile_paths_train(make_cfg, tmp_path):
     # autocast really ran: bf16 rounding changes the loss, but not by much
     assert result.metrics["train/loss"] != fp32.metrics["train/loss"]
     assert result.metrics["train/loss"] == pytest.approx(fp32.metrics["train/loss"], rel=0.05)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_peak_memory_counts_from_the_run_start():
+    """A Tune actor reused across trials keeps its process: each run's peak starts afresh."""
+    from hescape.train.loop import peak_memory, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = np.ones(256 * 2**20 // 8)  # 256 MiB, touched
+    with_big = peak_memory(cpu)["sys/peak_rss_mib"]
+    del big
+    reset_peak_memory(cpu)
+    after = peak_memory(cpu)["sys/peak_rss_mib"]
+    assert with_big - after > 200, (with_big, after)
 
 
 @pytest.mark.slow
