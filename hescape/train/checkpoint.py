@@ -130,9 +130,14 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / META_FILE).exists() or (path / MODEL_FILE).exists()
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint directory's name (``checkpoint_0000300`` -> 300), else -1."""
+    match = _STEP_RE.search(Path(path).name)
+    return int(match.group(1)) if match else -1
+
+
 def _step_key(path: Path) -> tuple[int, float]:
-    match = _STEP_RE.search(path.name)
-    return (int(match.group(1)) if match else -1, path.stat().st_mtime)
+    return (checkpoint_step(path), path.stat().st_mtime)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

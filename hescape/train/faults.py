@@ -13,6 +13,10 @@ passes it on; later changes do not reach them), or ``ray.init(runtime_env={"env_
     worker sees it and trains on.
 ``HESCAPE_FAULT_RANK=<r>`` (default 0)
     only this world rank is killed.
+``HESCAPE_FAULT_NO_WAIT=1`` (optional)
+    kill without waiting for the controller to commit the report: a crash in the ~2 s window
+    in which Ray does not know the checkpoint yet (the loop then resumes from the newest
+    checkpoint in the run directory, see ``loop.newest_checkpoint``).
 ``HESCAPE_FAULT_LOG=<path>`` (optional)
     every report appends ``pid step`` here, so a test can count reports per worker process
     (restarts, and which steps each process ran) exactly.
@@ -34,6 +38,7 @@ KILL_AFTER_STEP = "HESCAPE_FAULT_KILL_AFTER_STEP"
 MARKER = "HESCAPE_FAULT_MARKER"
 RANK = "HESCAPE_FAULT_RANK"
 LOG = "HESCAPE_FAULT_LOG"
+NO_WAIT = "HESCAPE_FAULT_NO_WAIT"
 
 
 def maybe_kill_after_report(step: int, session: Any) -> None:
@@ -57,7 +62,7 @@ def _inject(after: int, step: int, session: Any) -> None:
         return
     if os.path.exists(marker):
         return
-    wait = getattr(session, "wait_reported", None)
+    wait = None if os.environ.get(NO_WAIT) else getattr(session, "wait_reported", None)
     if wait is not None:
         wait()
     try:

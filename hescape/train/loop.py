@@ -23,7 +23,14 @@ import torch
 from hescape.config import StudyConfig
 from hescape.losses import create_loss
 from hescape.models import adversary_weight, build_model, donor_loss, param_groups
-from hescape.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from hescape.train.checkpoint import (
+    checkpoint_step,
+    get_rng_state,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from hescape.train.dataset import resize_normalize
 from hescape.train.faults import maybe_kill_after_report
 from hescape.train.features import frozen_image_encoder
@@ -75,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(tc.seed + rank)  # same init on every rank, then per-rank dropout
     state = TrainState()
     with session.resume_checkpoint() as found:  # a restart's latest, else an explicit dir
-        resume_dir = found or config.get("resume_from")
+        resume_dir = newest_checkpoint(found, config.get("run_dir")) or config.get("resume_from")
         if resume_dir is not None:
             state = restore(resume_dir, model, optimizer)
             if verbose:
@@ -259,6 +266,22 @@ def train_state(optimizer: torch.optim.Optimizer, state: TrainState) -> dict[str
             "scheduler": {"name": "warmup_cosine", "step": state.step},
             "step": state.step, "rng": get_rng_state(),
             "best": state.best, "bad_evals": state.bad_evals}
+
+
+def newest_checkpoint(found: Path | None, run_dir: str | None) -> Path | None:
+    """The highest-step checkpoint among the session's (``found``) and those in ``run_dir``.
+
+    A Ray Train worker persists its checkpoint into the run directory before the controller
+    registers the report (~2 s later): a worker that dies in between leaves a checkpoint Ray
+    does not know, and the restart would redo those steps. A truncated one is skipped by
+    ``restore`` (``load_checkpoint`` falls back to the previous good one).
+    """
+    candidates = [Path(found)] if found is not None else []
+    if run_dir:
+        candidates += list_checkpoints(run_dir)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: (checkpoint_step(p), p == found))
 
 
 def restore(ckpt_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hescape.config import StudyConfig
-from hescape.train.checkpoint import list_checkpoints
+from hescape.train.checkpoint import checkpoint_step, list_checkpoints
 from hescape.train.inputs import prepare_inputs
 from hescape.train.loop import TrainingError, train_loop_per_worker
 from hescape.train.session import LocalSession, ReportCallback, local_session
@@ -63,6 +63,7 @@ def fit(
     paths = prepare_inputs(cfg, prepared_path=prepared_path, features_path=features_path,
                            progress=verbose)
     config = {"cfg": cfg.model_dump(mode="json"), **paths, "verbose": verbose,
+              "run_dir": str(run_dir),  # where checkpoints land (Ray: storage_path / name)
               "resume_from": None if resume_from is None else str(Path(resume_from).resolve())}
     if runs_in_process(cfg):
         return _fit_in_process(config, cfg, run_dir, report_callback)
@@ -82,17 +83,10 @@ def _result(history: list[dict[str, Any]], best: Path | None, ckpt_root: Path) -
     if best is None or not best.exists():
         found = list_checkpoints(ckpt_root)
         best = found[0] if found else None
-    step = _checkpoint_step(best)
+    step = None if best is None else checkpoint_step(best)
     best_metrics = next((h for h in reversed(history) if h.get("step") == step), {})
     return FitResult(metrics=dict(history[-1]) if history else {}, best_checkpoint=best,
                      history=history, best_metrics=dict(best_metrics))
-
-
-def _checkpoint_step(path: Path | None) -> int | None:
-    if path is None:
-        return None
-    digits = "".join(ch for ch in path.name.split("_")[-1] if ch.isdigit())
-    return int(digits) if digits else None
 
 
 # ------------------------------------------------------------------------- Ray Train

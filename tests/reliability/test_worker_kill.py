@@ -21,20 +21,35 @@ COMPARED = ("train/loss", "train/contrastive", "val/loss", "val/r5_img2gene",
             "val/mean_rank_img2gene", "best")
 
 
-@pytest.fixture
-def faulty_ray(tmp_path, monkeypatch):
+def _start_faulty_ray(tmp_path: Path, monkeypatch, **extra: str):
     """A local Ray cluster whose processes carry the fault env (this process does not)."""
     ray = pytest.importorskip("ray")
     from hescape.train import faults
 
     env = {faults.KILL_AFTER_STEP: str(KILL_AFTER), faults.MARKER: str(tmp_path / "killed"),
-           faults.LOG: str(tmp_path / "reports.log")}
+           faults.LOG: str(tmp_path / "reports.log"), **extra}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     # the raylet inherits os.environ at ray.init and passes it on to every worker process
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     for key in env:  # in-process code in pytest must never see the kill switch
         monkeypatch.delenv(key)
+    return ray
+
+
+@pytest.fixture
+def faulty_ray(tmp_path, monkeypatch):
+    ray = _start_faulty_ray(tmp_path, monkeypatch)
+    yield tmp_path / "killed", tmp_path / "reports.log"
+    ray.shutdown()
+
+
+@pytest.fixture
+def faulty_ray_no_wait(tmp_path, monkeypatch):
+    """The kill does not wait for the controller to register the report: a real crash."""
+    from hescape.train import faults
+
+    ray = _start_faulty_ray(tmp_path, monkeypatch, **{faults.NO_WAIT: "1"})
     yield tmp_path / "killed", tmp_path / "reports.log"
     ray.shutdown()
 
@@ -153,6 +168,22 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted(tmp_pat
     wa, wb = _weights(tmp_path / "killed_run" / last), _weights(tmp_path / "full_run" / last)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_crash_before_ray_registers_the_checkpoint_still_resumes_from_it(
+        tmp_path, faulty_ray_no_wait):
+    """Killed at once after persisting step 3's checkpoint: Ray may not have registered it
+    yet, so the restarted worker finds it in the run directory (``newest_checkpoint``)."""
+    from hescape.train import fit
+
+    marker, log = faulty_ray_no_wait
+    result = fit(_config(tmp_path), run_dir=tmp_path / "run", verbose=False)
+    assert marker.is_file()
+    by_pid = _reports_by_pid(log)
+    assert len(by_pid) == 2 and list(by_pid.values()) == [[3], [6, 9]]  # resumed at 3, not 0
+    assert result.metrics["step"] == MAX_STEPS
+    assert (tmp_path / "run" / "checkpoint_0000003" / "model.pt").is_file()
 
 
 @pytest.mark.slow
