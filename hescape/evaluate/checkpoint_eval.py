@@ -109,7 +109,7 @@ def embed_rows(model, paired, rows, *, gene_x, stain, device, batch_size, progre
     return {"img": np.concatenate(img), "gene": np.concatenate(gene) if gene else None}
 
 
-def cached_features(model, meta: dict, paired) -> np.ndarray | None:
+def training_features(model, meta: dict, paired) -> np.ndarray | None:
     """The training run's frozen-backbone feature cache (memmapped), when it is this
     dataset's (same fingerprint, one row per obs) and the backbone is frozen; else None."""
     path = meta.get("features_path")
@@ -201,7 +201,7 @@ def evaluate_checkpoint(
     gene_x, expr_log, gene_names = _expression(cfg, meta, paired)
     stain = fit_stain(cfg, paired)
     kw = dict(stain=stain, device=device, batch_size=batch_size, progress=progress)
-    cached = cached_features(model, meta, paired)  # frozen backbone: encoded once per study
+    cached = training_features(model, meta, paired)  # frozen backbone: encoded once per study
     emb = embed_rows(model, paired, rows, gene_x=gene_x, features=cached, **kw)
     ecfg = eval_config(cfg.eval, eval_overrides or [])
     baseline = None

@@ -113,8 +113,9 @@ class Collate:
     """Stack items; images go through ``images_to_input`` (picklable for loader workers).
 
     ``defer_normalize`` (no HED jitter): images stay uint8 B x 3 x H x W and the training
-    loop resizes/normalises them on its device (``resize_normalize``). The HED-jitter generator is seeded from (seed, the batch's indices), so augmentation
-    is deterministic whichever loader worker builds the batch, and after a resume.
+    loop resizes/normalises them on its device (``resize_normalize``). The HED-jitter
+    generator is seeded from (seed, the batch's indices), so augmentation is deterministic
+    whichever loader worker builds the batch, and after a resume.
     """
 
     def __init__(self, encoder: Any = None, *, stain: Any = None, augment: float = 0.0,

@@ -23,9 +23,10 @@ passes it on; later changes do not reach them), or ``ray.init(runtime_env={"env_
 
 Before the kill the hook waits until the report is *committed*: ``session.wait_reported()``
 blocks until the Ray Train controller has registered it (``get_all_reported_checkpoints``
-in COMMITTED mode). Without that wait the report would still sit in the worker's result
-queue (the controller polls every ~2 s) and die with the process: which checkpoint a restart
-resumes from would be a race. Unset, the hook is one environment lookup per report.
+in COMMITTED mode). Without that wait the report may still sit in the worker's result queue
+(the controller polls every ~2 s) and die with the process, so whether the driver sees it
+would be a race (the restart resumes from the persisted checkpoint either way;
+``HESCAPE_FAULT_NO_WAIT`` tests that). Unset, the hook is one environment lookup per report.
 """
 
 from __future__ import annotations

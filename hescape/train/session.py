@@ -78,8 +78,10 @@ class RaySession:
     def wait_reported(self, timeout_s: float = 120.0) -> None:
         """Block until the Train controller has registered every report of this worker.
 
-        ``ray.train.report`` only queues a report; the controller picks it up on its next
-        poll (~2 s). A worker that dies in between loses the report and its checkpoint.
+        ``ray.train.report`` persists the checkpoint, then queues the report; the controller
+        picks it up on its next poll (~2 s). A worker that dies in between loses the report
+        (the driver never sees those metrics); its checkpoint stays in the run directory,
+        where the restarted loop finds it (``loop.newest_checkpoint``).
         """
         import ray.train
 
