@@ -64,6 +64,13 @@ class TwoTower(nn.Module):
         )
         self.embed_dim = model.embed_dim
 
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the raw ``logit_scale`` parameter into [0, ln 100] in place (as open_clip
+        does after each optimiser step). The clamp in ``forward`` alone has zero gradient
+        outside the range, so a parameter pushed past ln 100 would never come back."""
+        self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
     @property
     def image_frozen(self) -> bool:
         """True when the image backbone does not train (its features can be cached)."""
@@ -100,10 +107,17 @@ class TwoTower(nn.Module):
         return {
             "img_emb": img_emb,
             "gene_emb": gene_emb,
-            "logit_scale": self.logit_scale.clamp(0.0, MAX_LOGIT_SCALE),
+            "logit_scale": clamp_scale(self.logit_scale),
             "logit_bias": self.logit_bias,
             "donor_logits": donor_logits,
         }
+
+
+def clamp_scale(scale: Tensor) -> Tensor:
+    """``scale`` clamped to [0, ln 100], bounds in its own dtype: at exactly the (float32)
+    bound the gradient still flows (a float64 bound compares the rounded-up float32 value
+    as outside and zeroes the gradient)."""
+    return scale.clamp(scale.new_tensor(0.0), scale.new_tensor(MAX_LOGIT_SCALE))
 
 
 def build_model(

@@ -115,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if tc.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
+        model.clamp_logit_scale_()  # keep the temperature learnable (see TwoTower)
         running.add(out, batch["donor"], loss=loss, contrastive=contrastive, adv=adv_loss)
 
         # ---- every eval_every steps: validate, checkpoint (rank 0 writes), report (all)

@@ -87,3 +87,32 @@ def test_load_config_rejects_misspelt_encoder(tmp_path) -> None:
     assert "model.gene.name" in msg and "'mlp'" in msg
     path.write_text("model:\n  image:\n    name: resnet10t\n")
     assert load_config(path).model.image.name == "resnet10t"
+
+
+def test_logit_scale_clamped_in_place_stays_learnable() -> None:
+    """Issue 12 item 8: past ln 100 the forward clamp has zero gradient; clamping the raw
+    parameter after each step keeps it at the bound, where a gradient can bring it back."""
+    model = _model()
+    opt = torch.optim.SGD([model.logit_scale], lr=1.0)
+    cap = math.log(100.0)
+    for _ in range(3):  # push the temperature up, hard
+        opt.zero_grad()
+        (-model(gene=torch.rand(2, 10), image=torch.randn(2, 3, 32, 32))["logit_scale"]).backward()
+        opt.step()
+        model.clamp_logit_scale_()
+    assert model.logit_scale.item() == pytest.approx(cap)
+    opt.zero_grad()
+    model(gene=torch.rand(2, 10), image=torch.randn(2, 3, 32, 32))["logit_scale"].backward()
+    assert model.logit_scale.grad.item() != 0.0  # at the bound the gradient still flows
+    opt.step()
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() < cap - 0.25
+
+
+def test_logit_scale_without_in_place_clamp_gets_stuck() -> None:
+    """The failure the in-place clamp prevents: a raw parameter above ln 100 gets no gradient."""
+    model = _model()
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)
+    model(gene=torch.rand(2, 10), image=torch.randn(2, 3, 32, 32))["logit_scale"].backward()
+    assert model.logit_scale.grad.item() == 0.0

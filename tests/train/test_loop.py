@@ -138,3 +138,18 @@ def test_keeps_best_and_latest_checkpoints_only(make_cfg, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint"))
     expected = {result.best_checkpoint.name, "checkpoint_0000040"}
     assert set(kept) == expected
+
+
+def test_training_brings_raw_logit_scale_back_into_range(make_cfg, tmp_path):
+    """Issue 12 item 8, through the real loop: a raw temperature parameter above ln 100 (the
+    forward clamp gives it zero gradient, so it used to stay there for good) is clamped back
+    by the first optimiser step of a resumed run, and stays in [0, ln 100]."""
+    cfg = make_cfg(max_steps=20, eval_every=10)
+    fit(cfg, run_dir=tmp_path / "first", verbose=False)
+    ckpt = tmp_path / "first" / "checkpoint_0000010"
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    state["logit_scale"] = torch.tensor(5.0)
+    torch.save(state, ckpt / "model.pt")
+    fit(cfg, run_dir=tmp_path / "resumed", resume_from=ckpt, verbose=False)
+    scale = float(_weights(tmp_path / "resumed" / "checkpoint_0000020")["logit_scale"])
+    assert 0.0 <= scale <= np.log(100.0) + 1e-6
