@@ -7,6 +7,8 @@ from pathlib import Path
 
 EPILOG = """examples:
   hescape data simulate --out data/sim                      # the embedded default dataset
+  hescape data simulate --preset hescape-lung-healthy --patch-size 64 --out data/lung
+  hescape data presets                                      # named sizes (HESCAPE panels)
   hescape data describe data/sim                            # donors, spots, genes, split
   hescape data import-visium --sample-sheet samples.csv --out data/visium
   hescape data import-hest --root hest_data --ids TENX95 TENX99 --out data/hest
@@ -54,11 +56,19 @@ def _done(path: Path) -> int:
 def _simulate(args) -> int:
     from hescape.config import SimulateConfig
     from hescape.data import simulate
+    from hescape.data.presets import preset_config
 
     fields = {k: getattr(args, k) for k in SimulateConfig.model_fields
-              if getattr(args, k, None) is not None}
-    cfg = SimulateConfig(**fields)
+              if getattr(args, k, None) is not None}  # explicit flags win over the preset
+    cfg = preset_config(args.preset, **fields) if args.preset else SimulateConfig(**fields)
     return _done(simulate(args.out, cfg, split=_split_cfg(args), **_kw(args)))
+
+
+def _presets(args) -> int:
+    from hescape.data.presets import preset_table
+
+    print(preset_table())
+    return 0
 
 
 def _import_visium(args) -> int:
@@ -127,6 +137,9 @@ def _add_simulate(sub) -> None:
                        description="Simulate donors x spots of paired counts and H&E-like "
                        "patches with adjustable donor (batch) effects.")
     _common_out(p)
+    p.add_argument("--preset", help="a named size (HESCAPE panels: hescape-breast, "
+                   "hescape-5k, ...; benchmark sizes: scale-10k, ...); list them with "
+                   "`hescape data presets`; the flags below override its fields")
     g = p.add_argument_group("simulator (defaults: SimulateConfig)")
     for name, typ, text in [
         ("n_donors", int, "donors (6)"), ("spots_per_donor", int, "spots per donor (400)"),
@@ -139,6 +152,9 @@ def _add_simulate(sub) -> None:
     ]:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=text)
     p.set_defaults(func=_simulate)
+    p = sub.add_parser("presets", help="list the simulator's named sizes (HESCAPE panels, "
+                       "benchmark sizes) with their patch-store size")
+    p.set_defaults(func=_presets)
 
 
 def _add_imports(sub) -> None:

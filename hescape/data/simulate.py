@@ -28,7 +28,8 @@ from hescape.config import SimulateConfig, SplitConfig
 from hescape.data.contract import DatasetWriter, resolve_split
 from hescape.data.render import donor_stain, render_patches, state_looks
 
-SIMULATOR_VERSION = 2      # bump when the same SimulateConfig would give different data
+SIMULATOR_VERSION = 3      # bump when the same SimulateConfig would give different data
+                           # (3: donors over EXPR_BLOCK values drawn in row blocks)
 SPOT_PITCH_UM = 100.0      # Visium centre-to-centre distance
 PATCH_UM = 100.0           # field of view of one patch
 RANK = 6
@@ -38,7 +39,8 @@ BASE_LOG_MEAN = 1.5        # mean log rate of a gene (sets the sequencing depth)
 CONT_LFC_SD = 0.3          # loadings of the continuous factors on genes
 CONT_SCALE = 1.0           # sd of a continuous factor
 FACTOR_LENGTH_UM = 80.0    # spatial correlation length of the continuous factors
-CHUNK = 512
+CHUNK = 512               # patches rendered per block at 64 px (scaled by 1/size^2)
+EXPR_BLOCK = 2**22         # expression values drawn per block (float64 temporaries ~32 MiB)
 
 
 @dataclass
@@ -85,19 +87,37 @@ def _counts(mu: np.ndarray, rng: np.random.Generator, theta: float = 6.0) -> np.
 
 
 def _donor_expression(cfg: SimulateConfig, truth: Truth, weights: np.ndarray, mutated: bool,
-                      rng: np.random.Generator, cont: np.ndarray) -> np.ndarray:
-    """NB counts for one donor's spots from soft state weights (n x K) and factors (n x C)."""
+                      rng: np.random.Generator, cont: np.ndarray) -> sp.csr_matrix:
+    """NB counts (CSR int32) for one donor's spots from soft state weights (n x K) and
+    factors (n x C), drawn in row blocks of at most ``EXPR_BLOCK`` values (bounded memory).
+
+    A donor that fits in one block draws in the order of SIMULATOR_VERSION 2 (same data)."""
     e = cfg.donor_effect
     n = len(weights)
-    log_mu = truth.base + weights @ truth.state_lfc + cont @ truth.cont_lfc
-    if mutated:
-        log_mu[:, truth.mut_genes] += 1.0
-    log_mu += e * rng.normal(0, 0.6, cfg.n_genes)              # per-gene donor factor
-    log_mu += (e * rng.normal(0, 0.5) + rng.normal(0, 0.25, n))[:, None]  # library size
-    counts = _counts(np.exp(log_mu), rng)
+    gene_shift = e * rng.normal(0, 0.6, cfg.n_genes)                  # per-gene donor factor
+    lib = e * rng.normal(0, 0.5) + rng.normal(0, 0.25, n)              # library size
+
+    def block(rows: slice) -> np.ndarray:
+        log_mu = truth.base + weights[rows] @ truth.state_lfc + cont[rows] @ truth.cont_lfc
+        if mutated:
+            log_mu[:, truth.mut_genes] += 1.0
+        log_mu += gene_shift
+        log_mu += lib[rows, None]
+        return _counts(np.exp(log_mu), rng)
+
+    step = max(1, EXPR_BLOCK // cfg.n_genes)
+    if n <= step:
+        counts = block(slice(0, n))
+        dropout = min(0.8, e * rng.uniform(0.05, 0.3))
+        counts[rng.random(counts.shape) < dropout] = 0
+        return sp.csr_matrix(counts.astype(np.int32))
     dropout = min(0.8, e * rng.uniform(0.05, 0.3))
-    counts[rng.random(counts.shape) < dropout] = 0
-    return counts.astype(np.int32)
+    parts = []
+    for start in range(0, n, step):
+        counts = block(slice(start, start + step))
+        counts[rng.random(counts.shape) < dropout] = 0
+        parts.append(sp.csr_matrix(counts.astype(np.int32)))
+    return sp.vstack(parts, format="csr")
 
 
 def _slide_layout(cfg: SimulateConfig) -> list[int]:
@@ -138,7 +158,7 @@ def simulate_expression(cfg: SimulateConfig) -> tuple[AnnData, np.ndarray]:
         sel = np.flatnonzero(obs["donor_idx"].to_numpy() == d)
         blocks.append(_donor_expression(cfg, truth, weights[sel], bool(mutated[d]), rng,
                                         cont[sel]))
-    counts = sp.csr_matrix(np.concatenate(blocks))
+    counts = sp.vstack(blocks, format="csr")  # sparse throughout: never N x G dense
     names = [f"{sl}_{i:05d}" for sl, i in zip(obs["slide"], obs["spot"], strict=True)]
     adata = AnnData(
         X=counts,
@@ -175,12 +195,18 @@ def simulate(out: str | Path, cfg: SimulateConfig | None = None, *,
     with DatasetWriter(out, overwrite=overwrite) as writer:
         store = writer.allocate(adata.n_obs, cfg.patch_size)
         chunk = max(16, int(CHUNK * (64 / cfg.patch_size) ** 2))  # bounded memory
-        for start in tqdm(range(0, adata.n_obs, chunk), desc="render", disable=not progress):
-            sl = slice(start, start + chunk)
-            rng = np.random.default_rng([cfg.seed, 2, start])
-            store[sl] = render_patches(states[sl], donor_idx[sl], mutated[donor_idx[sl]],
-                                       size=cfg.patch_size, looks=looks, stains=stains, rng=rng,
-                                       factors=factors[sl])
+        # written through the file, not the memmap: dirty mapped pages would count in this
+        # process's RSS until the whole store (GiBs at 200k spots) had passed through it
+        with open(store.filename, "r+b") as fh:
+            for start in tqdm(range(0, adata.n_obs, chunk), desc="render",
+                              disable=not progress):
+                sl = slice(start, start + chunk)
+                rng = np.random.default_rng([cfg.seed, 2, start])
+                block = render_patches(states[sl], donor_idx[sl], mutated[donor_idx[sl]],
+                                       size=cfg.patch_size, looks=looks, stains=stains,
+                                       rng=rng, factors=factors[sl])
+                fh.seek(store.offset + start * block[0].nbytes)
+                fh.write(np.ascontiguousarray(block).data)
         return writer.commit(adata, split_dict, source="simulate", mpp=PATCH_UM / cfg.patch_size,
                              extra={"simulate": cfg.model_dump()})
 
