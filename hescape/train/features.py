@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from hescape.config import StudyConfig
+from hescape.data.rowio import NpyRowWriter, read_rows
 from hescape.train.dataset import images_to_input
 
 FROZEN_INIT_SEED = 0
@@ -63,18 +64,25 @@ def feature_cache_path(storage_dir: str | Path, key: str) -> Path:
 @torch.no_grad()
 def encode_patches(
     encoder: Any, patches: np.ndarray, *, batch_size: int = 256, device: str = "cpu",
-    stain: Any = None, progress: bool = True,
-) -> np.ndarray:
-    """Features (float32, N x D) of uint8 ``patches`` with the frozen ``encoder``."""
+    stain: Any = None, progress: bool = True, out: Any = None,
+) -> Any:
+    """Features (float32, N x D) of uint8 ``patches`` with the frozen ``encoder``.
+
+    ``out``: where the rows go (anything taking ``out[a:b] = block``, e.g. an
+    ``NpyRowWriter``); a new array when None. A memmapped patch store is read block by
+    block through its file (``read_rows``), so memory stays one batch whatever N.
+    """
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
     encoder = encoder.to(dev).eval()
     use_bf16 = dev.type == "cuda"
-    out = np.empty((len(patches), encoder.out_dim), dtype=np.float32)
+    if out is None:
+        out = np.empty((len(patches), encoder.out_dim), dtype=np.float32)
     for start in tqdm(range(0, len(patches), batch_size), desc="image features",
                       disable=not progress, unit="batch"):
-        x = images_to_input(patches[start:start + batch_size], encoder, stain=stain).to(dev)
+        block = read_rows(patches, start, start + batch_size)
+        x = images_to_input(block, encoder, stain=stain).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             feats = encoder(x)
         out[start:start + len(x)] = feats.float().cpu().numpy()
@@ -101,12 +109,17 @@ def cached_features(
     with FileLock(str(path) + ".lock"):
         if path.is_file():  # another process finished while we waited
             return path
-        feats = encode_patches(encoder, paired.patches, batch_size=batch_size, device=device,
-                               stain=stain, progress=progress)
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.npy")
-        np.save(tmp, feats)
+        shape = (len(paired.patches), int(encoder.out_dim))
+        try:  # streamed to the file: memory stays one batch whatever the number of patches
+            with NpyRowWriter(tmp, shape, np.float32) as rows:
+                encode_patches(encoder, paired.patches, batch_size=batch_size, device=device,
+                               stain=stain, progress=progress, out=rows)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         meta = {"feature_key": encoder.feature_key(), "fingerprint": paired.fingerprint,
-                "stain_norm": stain_norm, "shape": list(feats.shape)}
+                "stain_norm": stain_norm, "shape": list(shape)}
         path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
         os.replace(tmp, path)
     return path

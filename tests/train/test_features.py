@@ -114,3 +114,52 @@ def test_evaluation_reuses_the_feature_cache_with_identical_metrics(make_cfg, tm
     assert cached.keys() == encoded.keys()
     for key, value in encoded.items():
         assert cached[key] == pytest.approx(value, rel=1e-4, abs=1e-5, nan_ok=True), key
+
+
+def _mapped_rss_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc needed")
+def test_feature_cache_streams_the_patch_store_through_the_file(make_cfg, tmp_path):
+    """Encoding every patch maps none of the store into the process (its pages would count
+    in RSS: GiBs at 200k spots); the result equals slicing the memmap."""
+    from hescape.data import tiny_dataset
+
+    data = tiny_dataset(tmp_path / "d", seed=1, spots_per_donor=300, patch_size=32)
+    paired = load_paired(data)
+    store = (data / "patches.npy").resolve()
+    assert _mapped_rss_kib(store) == 0
+    cfg = make_cfg(data=data)
+    path = cached_features(cfg, paired, progress=False, batch_size=64)
+    assert _mapped_rss_kib(store) == 0  # memmap slicing would have left ~900 KiB resident
+    enc = frozen_image_encoder(cfg).eval()
+    with torch.no_grad():
+        direct = enc(images_to_input(np.asarray(paired.patches[-70:]), enc)).numpy()
+    np.testing.assert_allclose(np.load(path)[-70:], direct, rtol=1e-5, atol=1e-6)
+
+
+def test_row_io_matches_slicing_and_refuses_partial_blocks(tmp_path):
+    from hescape.data.rowio import NpyRowWriter, read_rows
+
+    arr = np.arange(7 * 3 * 2, dtype=np.int16).reshape(7, 3, 2)
+    np.save(tmp_path / "a.npy", arr)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    for start, stop in ((0, 3), (3, 7), (5, 99), (6, 7)):
+        np.testing.assert_array_equal(read_rows(mm, start, stop), arr[start:stop])
+        np.testing.assert_array_equal(read_rows(arr, start, stop), arr[start:stop])
+    np.testing.assert_array_equal(read_rows(mm[2:], 0, 2), arr[2:4])  # a view: sliced
+    with NpyRowWriter(tmp_path / "b.npy", (7, 3, 2), np.int16) as out:
+        out[0:4] = arr[:4]
+        out[4:7] = arr[4:]
+        with pytest.raises(ValueError, match="does not fill rows 0:2"):
+            out[0:2] = arr[:3]
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), arr)
