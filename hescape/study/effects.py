@@ -124,7 +124,7 @@ def check_per_donor(frame: pd.DataFrame, source: str) -> pd.DataFrame:
         raise ValueError(f"{source}: per-donor table lacks columns {missing}; expected "
                          f"{list(PER_DONOR_COLUMNS)} (one row per metric and held-out donor)")
     out = frame.loc[:, list(PER_DONOR_COLUMNS)].copy()
-    out["metric"] = out["metric"].astype(str).str.split("/").str[-1]  # "test/r5_x" -> "r5_x"
+    out["metric"] = out["metric"].astype(str).str.replace(r"^(test|val)/", "", regex=True)
     out["donor"] = out["donor"].astype(str)
     out["value"] = pd.to_numeric(out["value"], errors="coerce")
     out["n"] = pd.to_numeric(out["n"], errors="coerce")

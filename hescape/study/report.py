@@ -1,279 +1,303 @@
-"""Study report: leaderboard, ablation tables (mean +/- sd over seeds), Pareto front, plots.
+"""Study report: how to read it, warnings, leaderboards, factor effects with CIs, ablation,
+contrastive vs baselines, the mutation probe's power, preprocessing variants, Pareto
+front, plots. Read cold, it makes no claim its numbers cannot carry: tables are split by
+protocol (``saw_heldout``), underpowered probes say so, effects carry CIs or say why not.
 
-Written under ``<storage>/<study>/report/`` as Markdown + HTML + PNG and logged to the
-study's parent MLflow run. ``write_report`` is also what ``study/run.py --report`` calls
-for a finished study.
+Written under ``<storage>/<study>/report/`` as report.md, a self-contained report.html
+(renders in MLflow's artifact viewer), effects.csv, leaderboard.csv and PNGs, and logged
+to the study's parent MLflow run under ``report/``. ``write_report`` is also what
+``study/run.py --report`` calls for a finished study.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from hescape.config import StudyConfig
 from hescape.study import lineage
-from hescape.study.results import metric_history, trial_table
+from hescape.study import report_notes as notes
+from hescape.study import report_plots as plots
+from hescape.study.document import Document
+from hescape.study.effects import BootstrapSettings
+from hescape.study.report_tables import (
+    KEY_METRICS,
+    MAX_COLUMNS,
+    ablation,
+    baseline_comparison,
+    effect_table,
+    finished,
+    fmt_ablation,
+    fmt_effects,
+    leaderboard,
+    pareto_front,
+    with_companions,
+)
+from hescape.study.results import metric_history, per_donor_tables, trial_table
 from hescape.study.tuner import objectives
 
-KEY_METRICS = (
-    "test/r5_img2gene", "test/r5_gene2img", "test/inbatch64_r5_img2gene",
-    "test/probe_pearson_mean", "test/mutation_auroc_pooled", "test/gene_ilisi", "test/gene_kbet",
-    "val/r5_img2gene",
-)
+History = Callable[[str, str], list[tuple[int, float]]]
+Rows = Sequence[dict[str, Any]]
+NO_PER_DONOR = "no per-donor results: CIs unavailable"
 
-
-def leaderboard(rows: list[dict[str, Any]], metric: str, mode: str) -> pd.DataFrame:
-    recs = []
-    for r in rows:
-        rec = {"trial": r["trial_id"], "status": r["status"], "phase": r["phase"],
-               "config": r["config_id"], "seed": r["seed"], "saw_heldout": r["saw_heldout"]}
-        rec.update({k: r["metrics"].get(k, np.nan) for k in (metric, *KEY_METRICS)})
-        recs.append(rec)
-    df = pd.DataFrame(recs)
-    if df.empty:
-        return df
-    df = df.loc[:, ~df.columns.duplicated()]
-    return df.sort_values(metric, ascending=(mode == "min"), na_position="last")
-
-
-MAX_LEVELS = 4  # a numeric factor with more distinct values is shown in quantile bins
-
-
-def ablation(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, pd.DataFrame]:
-    """Per sweep factor: mean +/- sd (and n) of each metric per factor level, over seeds.
-
-    A numeric factor sampled continuously (TPE/random: more than ``MAX_LEVELS`` distinct
-    values) is grouped in ``MAX_LEVELS - 1`` quantile bins labelled by their range; trials
-    where a conditional factor is absent form the ``(base)`` level.
-    """
-    done = [r for r in rows if r["status"] == "FINISHED"]
-    factors = sorted({k for r in done for k in r["sweep_params"] if k != "train.seed"})
-    tables = {}
-    for factor in factors:
-        values = [r["sweep_params"].get(factor) for r in done]
-        levels = _levels(values)
-        recs = [{"level": level, **{m: r["metrics"].get(m, np.nan) for m in metrics}}
-                for level, r in zip(levels, done)]
-        df = pd.DataFrame(recs)
-        agg = df.groupby("level", sort=False).agg(["mean", "std", "count"])
-        tables[factor] = agg.loc[sorted(agg.index, key=_level_order(values, levels))]
-    return tables
-
-
-def _levels(values: list[Any]) -> list[str]:
-    """One label per value: itself, or its quantile bin for a many-valued numeric factor."""
-    numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if len(set(numeric)) <= MAX_LEVELS or len(numeric) != sum(v is not None for v in values):
-        return ["(base)" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-                for v in values]
-    edges = np.quantile(numeric, np.linspace(0, 1, MAX_LEVELS))
-    labels = []
-    for v in values:
-        if v is None:
-            labels.append("(base)")
-            continue
-        i = min(int(np.searchsorted(edges, v, side="right")) - 1, len(edges) - 2)
-        labels.append(f"[{edges[i]:.3g}, {edges[i + 1]:.3g}]")
-    return labels
-
-
-def _level_order(values: list[Any], levels: list[str]):
-    """Sort key: (base) first, then levels by their smallest value (numbers numerically)."""
-    first: dict[str, Any] = {}
-    for v, level in zip(values, levels):
-        first.setdefault(level, v)
-
-    def key(level: str) -> tuple:
-        v = first.get(level)
-        if v is None:
-            return (0, 0.0, "")
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return (1, float(v), "")
-        return (2, 0.0, str(v))
-
-    return key
-
-
-def baseline_comparison(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Tasks x feature sets over finished trials (mean ± sd): does contrastive training beat
-    the frozen image encoder and PCA of expression on each held-out task?"""
-    from hescape.evaluate.baselines import comparison_table
-
-    tables = []
-    for r in rows:
-        if r["status"] != "FINISHED":
-            continue
-        m = {k.removeprefix("test/"): v for k, v in r["metrics"].items()
-             if k.startswith("test/")}
-        names = sorted({k.split("_")[1] for k in m
-                        if k.startswith("baseline_") and not k.startswith("baseline_pca_")})
-        table = comparison_table(m, names)
-        if len(table) and table.shape[1] > 2 and table.iloc[:, 2:].notna().any().any():
-            tables.append(table)
-    if not tables:
-        return pd.DataFrame()
-    stacked = pd.concat(tables)
-    grouped = stacked.groupby(level=0, sort=False)
-    mean, sd, n = grouped.mean(), grouped.std(), grouped.count()
-    out = pd.DataFrame(index=mean.index, columns=mean.columns, dtype=object)
-    for col in mean.columns:
-        out[col] = [("" if c == 0 else f"{a:.3f} ± {b:.3f}" if c > 1 else f"{a:.3f}")
-                    for a, b, c in zip(mean[col], sd[col].fillna(0), n[col])]
-    out.columns = [c.replace("_", " ") for c in out.columns]
-    return out
-
-
-def pareto_front(rows: list[dict[str, Any]], metrics: list[str], modes: list[str]) -> list[str]:
-    """Trial ids not dominated on all objectives."""
-    pts = [(r["trial_id"], [r["metrics"].get(m) for m in metrics]) for r in rows
-           if r["status"] == "FINISHED" and all(m in r["metrics"] for m in metrics)]
-    sign = [1.0 if m == "max" else -1.0 for m in modes]
-    front = []
-    for tid, v in pts:
-        vs = [s * x for s, x in zip(sign, v)]
-        dominated = any(
-            all(s * y >= x for s, y, x in zip(sign, w, vs))
-            and any(s * y > x for s, y, x in zip(sign, w, vs))
-            for _, w in pts
-        )
-        if not dominated:
-            front.append(tid)
-    return front
-
-
-def _fmt_ablation(df: pd.DataFrame) -> pd.DataFrame:
-    out = pd.DataFrame(index=df.index)
-    for metric in df.columns.get_level_values(0).unique():
-        m, s, n = df[(metric, "mean")], df[(metric, "std")], df[(metric, "count")]
-        out[metric] = [f"{a:.3f} ± {b:.3f} (n={int(c)})" if c > 1 else f"{a:.3f} (n={int(c)})"
-                       for a, b, c in zip(m, s.fillna(0), n)]
-    return out
-
-
-def _plots(ref, rows, tables, metric, out: Path, pareto: tuple | None) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for factor, df in tables.items():
-        if (metric, "mean") not in df.columns:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        means, sds = df[(metric, "mean")], df[(metric, "std")].fillna(0)
-        ax.bar(range(len(means)), means, yerr=sds, capsize=4, color="#5b8db8")
-        ax.set_xticks(range(len(means)), [str(i) for i in means.index], rotation=20)
-        ax.set_title(f"{metric} by {factor}", fontsize=9)
-        ax.set_ylabel(metric, fontsize=8)
-        paths.append(_save(fig, out / f"ablation_{factor.replace('.', '_')}.png"))
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for r in rows[:40]:
-        hist = metric_history(ref, r["run_id"], "val/r5_img2gene")
-        if hist:
-            ax.plot(*zip(*hist), alpha=0.7, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("val/r5_img2gene")
-    ax.set_title("learning curves (validation donors)", fontsize=9)
-    paths.append(_save(fig, out / "learning_curves.png"))
-    if pareto:
-        (m1, m2), front = pareto
-        fig, ax = plt.subplots(figsize=(4.5, 3.5))
-        for r in rows:
-            if m1 in r["metrics"] and m2 in r["metrics"]:
-                on = r["trial_id"] in front
-                ax.scatter(r["metrics"][m1], r["metrics"][m2], c="#d1495b" if on else "#999")
-        ax.set_xlabel(m1)
-        ax.set_ylabel(m2)
-        ax.set_title("Pareto front (red)", fontsize=9)
-        paths.append(_save(fig, out / "pareto.png"))
-    plt.close("all")
-    return paths
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    return path
+__all__ = ["KEY_METRICS", "ablation", "baseline_comparison", "build_report", "leaderboard",
+           "pareto_front", "write_report"]
 
 
 def write_report(
-    ref: lineage.LineageRef, study_dir: Path, cfg: StudyConfig, shared_work: dict | None = None
+    ref: lineage.LineageRef, study_dir: Path, cfg: StudyConfig, shared_work: dict | None = None,
+    *, settings: BootstrapSettings | None = None,
 ) -> Path:
-    """Write report.md/.html and plots; log them to the parent run. Returns the report dir."""
+    """Write report.md/.html, effects.csv, leaderboard.csv and plots; log them to the parent
+    run under ``report/``. Returns the report directory."""
     out = Path(study_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = trial_table(ref)
-    metrics, modes = objectives(cfg)
-    board = leaderboard(rows, metrics[0], modes[0])
-    shown = [m for m in dict.fromkeys([*metrics, *KEY_METRICS])
-             if any(m in r["metrics"] for r in rows)]
-    tables = ablation(rows, shown or metrics)
-    front = pareto_front(rows, metrics, modes) if len(metrics) > 1 else []
-    pareto = ((metrics[0], metrics[1]), front) if len(metrics) > 1 else None
-    plots = _plots(ref, rows, tables, metrics[0], out, pareto)
-    md = _markdown(cfg, rows, board, tables, front, shared_work, plots)
-    _atomic_write(out / "report.md", md)
-    _atomic_write(out / "report.html", _html(md, plots))
-    board.to_csv(out / "leaderboard.csv", index=False)
+    per_donor, problems = per_donor_tables(ref, Path(study_dir), finished(rows))
+    doc, frames = build_report(
+        cfg, rows, out=out, shared_work=shared_work, per_donor=per_donor, problems=problems,
+        history=lambda run_id, key: metric_history(ref, run_id, key),
+        settings=settings or BootstrapSettings(seed=cfg.eval.seed))
+    _atomic_write(out / "report.md", doc.markdown())
+    _atomic_write(out / "report.html", doc.html())
+    for name, frame in frames.items():
+        frame.to_csv(out / f"{name}.csv", index=False)
     client = lineage.MlflowClient(ref.tracking_uri)
     lineage.with_retry(lambda: client.log_artifacts(ref.parent_run_id, str(out), "report"))
     return out
 
 
-def _markdown(cfg, rows, board, tables, front, shared_work, plots) -> str:
+def build_report(
+    cfg: StudyConfig, rows: Rows, *, out: Path, shared_work: dict | None = None,
+    per_donor: dict[str, pd.DataFrame] | None = None, problems: Sequence[str] = (),
+    history: History | None = None, settings: BootstrapSettings = BootstrapSettings(),
+) -> tuple[Document, dict[str, pd.DataFrame]]:
+    """The report document and its csv tables (``leaderboard``, ``effects``) from trial rows
+    (``trial_table``) and per-donor tables (``per_donor_tables``); PNGs go to ``out``."""
+    metrics, modes = objectives(cfg)
+    strata = notes.by_protocol(rows)
+    doc = Document(f"Study `{cfg.name}`")
+    doc.heading("How to read this report")
+    doc.bullets(notes.reading_guide({k for r in rows for k in r["metrics"]}, metrics[0]))
+    doc.para(notes.PROTOCOL_SENTENCE)
+    _summary(doc, rows, strata)
+    _warnings(doc, rows, shared_work, strata, problems)
+    keys = [k for k in notes.headline_keys(cfg) if any(k in r["metrics"] for r in rows)]
+    board = _leaderboards(doc, rows, strata, metrics[0], modes[0], keys[:MAX_COLUMNS])
+    effects = _effects(doc, rows, per_donor or {}, cfg, settings, out)
+    tables = _ablations(doc, strata, list(dict.fromkeys([*metrics, *keys[:6]])), rows)
+    _baselines(doc, strata, cfg)
+    _mutation(doc, rows, cfg)
+    _variants(doc, shared_work)
+    pictures = _pareto(doc, strata, metrics, modes, out)
+    _failed(doc, rows)
+    pictures += plots.ablation_plots(tables, metrics[0], out)
+    curve = plots.learning_curves(rows, metrics[0], out, history) if history else None
+    if pictures or curve:
+        doc.heading("Plots")
+        for path in [*pictures, *([curve] if curve else [])]:
+            doc.image(path)
+    doc.heading("Config")
+    doc.code(json.dumps(cfg.model_dump(), indent=1)[:6000])
+    return doc, {"leaderboard": board, "effects": effects}
+
+
+def _summary(doc: Document, rows: Rows, strata: dict[str, list]) -> None:
     n = {s: sum(r["status"] == s for r in rows) for s in ("FINISHED", "FAILED", "KILLED")}
-    lines = [f"# Study `{cfg.name}`", "",
-             f"Trials: {len(rows)} ({n['FINISHED']} finished, {n['FAILED']} failed, "
-             f"{n['KILLED']} stopped early by ASHA or interrupted).", "",
-             "Retrieval figures (`r5_*`) are over the WHOLE held-out set; `inbatch64_*` is the "
-             "HESCAPE-comparable in-batch figure (random batches of 64) and is not comparable "
-             "with the whole-set one.", "", "## Leaderboard", ""]
-    lines.append(board.head(30).to_markdown(index=False, floatfmt=".3f") if not board.empty
-                 else "(no trials)")
-    if shared_work and shared_work.get("variants"):
-        lines += ["", "## Preprocessing variants before training", ""]
-        pre = pd.DataFrame([{"variant": v["method"], "saw_heldout": v["saw_heldout"],
-                             **{k.split("/")[-1]: x for k, x in v["metrics"].items()
-                                if isinstance(x, (int, float))}} for v in shared_work["variants"]])
-        lines.append(pre.to_markdown(index=False, floatfmt=".3f"))
-    comparison = baseline_comparison(rows)
-    if not comparison.empty:
-        lines += ["", "## Contrastive training vs baselines (held-out donors, finished trials, "
-                  "mean ± sd)", "",
-                  "`contrastive img`/`gene`: the trained embeddings; `frozen img`: the image "
-                  "encoder before contrastive training; `pca expr`: PCA of expression. Higher "
-                  "is better on every row; HESCAPE found contrastive training helps mutation "
-                  "prediction and hurts expression prediction.", ""]
-        lines.append(comparison.to_markdown())
-    for factor, df in tables.items():
-        lines += ["", f"## Ablation: `{factor}` (mean ± sd over seeds and other factors)", ""]
-        lines.append(_fmt_ablation(df).to_markdown())
-    if front:
-        lines += ["", "## Pareto front", "", ", ".join(front)]
+    by = ", ".join(f"{len(v)} {k}" for k, v in strata.items())
+    doc.para(f"Trials: {len(rows)} ({n['FINISHED']} finished, {n['FAILED']} failed, "
+             f"{n['KILLED']} stopped early by ASHA or interrupted); protocols: {by or '-'}."
+             + (f" All trials are {next(iter(strata))}." if len(strata) == 1 else ""))
+
+
+def _warnings(doc: Document, rows: Rows, shared_work, strata, problems: Sequence[str]) -> None:
+    found = []
+    if notes.INDUCTIVE in strata and notes.TRANSDUCTIVE in strata:
+        found.append("This study mixes inductive and transductive preprocessing. The search "
+                     "(TPE/ASHA) ranked them together on validation donors; the tables below "
+                     "never do.")
+    if notes.UNRECORDED in strata:
+        found.append(f"{len(strata[notes.UNRECORDED])} trial(s) have no "
+                     "`hescape.preprocess_saw_heldout` tag: their protocol is unknown and they "
+                     "are shown apart.")
+    found += notes.preprocessing_warnings(rows, shared_work)
+    found += list(problems)
+    for text in found:
+        doc.warning(text)
+
+
+def _protocol_heading(doc: Document, title: str, proto: str, strata: dict, level=2) -> None:
+    """``title``, naming the protocol when the study has more than one."""
+    doc.heading(f"{title}: {proto} trials" if len(strata) > 1 else title, level)
+
+
+def _leaderboards(doc: Document, rows: Rows, strata, metric: str, mode: str, keys) -> pd.DataFrame:
+    boards = []
+    for proto, group in strata.items():
+        _protocol_heading(doc, "Leaderboard", proto, strata)
+        board = leaderboard(list(group), metric, mode, keys)
+        doc.para(f"Sorted by the selection objective `{metric}` ({mode}). A blank mutation "
+                 "AUROC means the probe was underpowered (see the mutation section).")
+        doc.table(board.drop(columns="protocol").head(30))
+        boards.append(board)
+    return pd.concat(boards, ignore_index=True) if boards else pd.DataFrame()
+
+
+def _effects(doc: Document, rows: Rows, per_donor, cfg, settings, out: Path) -> pd.DataFrame:
+    doc.heading("Factor effects (held-out donors, 95% CI)")
+    done = finished(rows)
+    if not per_donor:
+        doc.para(f"{NO_PER_DONOR} (no trial's evaluation wrote `eval/per_donor.csv`).")
+        return effect_table([], {}, cfg, settings)
+    doc.para(
+        "Each row: the level's value minus the reference level's (the base config's value, "
+        "else the first level) on the test donors. 95% CI: percentile bootstrap, "
+        f"{settings.n_boot} replicates, held-out donors resampled jointly for all trials. "
+        "*Paired*: trials matched on seed and the other factors are resampled as blocks, so "
+        "shared seed effects cancel. *Unpaired* (TPE/random: levels also differ in factors "
+        "TPE chose): configurations are resampled within each level and seeds within each "
+        "configuration; a marginal comparison, not a controlled one. Recalls are weighted "
+        "by each donor's spots (the whole-set figure), Pearson figures are a plain mean over "
+        f"donors. Fewer than {settings.min_donors} held-out donors give no CI; with few "
+        "donors the CI is coarse. \"not distinguishable\": the CI covers 0.")
+    missing = len(done) - sum(r["trial_id"] in per_donor for r in done)
+    if missing:
+        doc.para(f"{missing} of {len(done)} finished trial(s) have no per-donor table and "
+                 "are left out of the effects.")
+    table = effect_table(rows, per_donor, cfg, settings)
+    if table.empty:
+        doc.para("No factor has two levels with per-donor results in one protocol.")
+        return table
+    strata = dict.fromkeys(table["protocol"])
+    for proto in strata:
+        _protocol_heading(doc, "Effects", proto, strata, level=3)
+        doc.table(fmt_effects(table[table["protocol"] == proto]))
+    for path in plots.effect_plots(table, out):
+        doc.image(path)
+    return table
+
+
+def _ablations(doc: Document, strata, metrics: list[str], rows: Rows) -> dict[str, dict]:
+    doc.heading("Ablation (mean ± sd over seeds and other factors)")
+    tables = {proto: ablation(list(group), metrics) for proto, group in strata.items()}
+    note = _companion_note(metrics, rows)
+    if note:
+        doc.para(note)
+    for proto, per in tables.items():
+        for factor, df in per.items():
+            _protocol_heading(doc, f"`{factor}`", proto, strata, level=3)
+            doc.table(fmt_ablation(df), index=True)
+    return tables
+
+
+def _companion_note(keys: Sequence[str], rows: Rows) -> str:
+    """"Beside these figures: ..." with the batch count / PCA dimension of each figure."""
+    parts = []
+    for key in keys:
+        for comp in with_companions([key], rows)[1:]:
+            values = sorted({int(r["metrics"][comp]) for r in rows if comp in r["metrics"]})
+            span = str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+            what = "batches" if comp.endswith("n_batches") else "PCA dim"
+            parts.append(f"`{key}`: {what} {span}")
+    return ("Beside these figures: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _baselines(doc: Document, strata, cfg: StudyConfig) -> None:
+    for proto, group in strata.items():
+        table = baseline_comparison(list(group))
+        if table.empty:
+            continue
+        _protocol_heading(doc, "Contrastive training vs baselines (held-out donors, "
+                          "finished trials, mean ± sd)", proto, strata)
+        doc.para("`contrastive img`/`gene`/`joint`: the trained embeddings; `frozen img`: the "
+                 "image encoder before contrastive training; `pca expr`: PCA of expression. "
+                 "Higher is better on every row.")
+        doc.table(table, index=True)
+        with_mut = [r for r in finished(group) if notes.has_mutation(r)]
+        if with_mut and all(notes.underpowered(r) for r in with_mut):
+            doc.para("Mutation rows: " + notes.underpowered_sentence(with_mut, cfg))
+        elif with_mut:
+            doc.para("HESCAPE reported that contrastive training helps mutation prediction and "
+                     "hurts expression prediction; read the mutation rows with their CIs and "
+                     "p-values in the mutation section before agreeing.")
+
+
+def _mutation(doc: Document, rows: Rows, cfg: StudyConfig) -> None:
+    with_mut = [r for r in finished(rows) if notes.has_mutation(r)]
+    if not with_mut:
+        return
+    doc.heading("Mutation probe")
+    doc.para(notes.encoder_donors_sentence(with_mut))
+    powered = notes.mutation_rows(with_mut)
+    weak = [r for r in with_mut if notes.underpowered(r)]
+    if powered:
+        doc.para("AUROC (mean of per-fold AUROCs) [95% donor-bootstrap CI] and label-permutation "
+                 "p-value, per feature set:")
+        doc.table(pd.DataFrame(powered).fillna(""))
+    if weak:
+        prefix = "Mutation probe" if not powered else f"{len(weak)} other trial(s)"
+        doc.para(f"{prefix}: " + notes.underpowered_sentence(weak, cfg))
+
+
+def _variants(doc: Document, shared_work: dict | None) -> None:
+    variants = (shared_work or {}).get("variants") or []
+    if not variants:
+        return
+    doc.heading("Preprocessing variants before training")
+    recs = []
+    for v in variants:
+        info = v.get("info") or {}
+        rec = {"variant": v["method"], "protocol": notes.protocol_of(v),
+               "measured_on": _join(v.get("measured_on")), "n_batches": v.get("n_batches", ""),
+               "fit": _fit_status(info)}
+        rec.update({k.split("/")[-1]: x for k, x in (v.get("metrics") or {}).items()
+                    if isinstance(x, (int, float)) and not isinstance(x, bool)})
+        recs.append(rec)
+    doc.para("Mixing and biology figures of each variant's output before any training, on "
+             "the donors in `measured_on`, with the number of batches they mix.")
+    doc.table(pd.DataFrame(recs))
+
+
+def _join(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return "" if value is None else str(value)
+
+
+def _fit_status(info: dict[str, Any]) -> str:
+    if info.get("stopped_on_cap"):
+        return f"stopped on cap ({info.get('epochs_run', '?')}/{info.get('max_epochs', '?')} ep)"
+    if info.get("early_stopped"):
+        return f"early-stopped ({info.get('epochs_run', '?')} ep)"
+    if "converged" in info:
+        return "converged" if info["converged"] else "NOT converged"
+    return ""
+
+
+def _pareto(doc: Document, strata, metrics: list[str], modes: list[str], out: Path) -> list:
+    if len(metrics) < 2:
+        return []
+    pictures = []
+    for proto, group in strata.items():
+        front = pareto_front(list(group), metrics, modes)
+        _protocol_heading(doc, "Pareto front", proto, strata)
+        doc.para(", ".join(f"`{t}`" for t in front) or "(no trial has every objective)")
+        pictures.append(plots.pareto_plot(group, (metrics[0], metrics[1]), set(front), out,
+                                          proto))
+    return pictures
+
+
+def _failed(doc: Document, rows: Rows) -> None:
     failed = [r for r in rows if r["status"] == "FAILED"]
     if failed:
-        lines += ["", "## Failed trials", ""]
-        lines += [f"- `{r['trial_id']}` {r['config_id']}: {r['error'][:300]}" for r in failed]
-    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    lines += ["", "Config:", "", "```json", json.dumps(cfg.model_dump(), indent=1)[:6000], "```"]
-    return "\n".join(lines) + "\n"
-
-
-def _html(md: str, plots: list[Path]) -> str:
-    body = html.escape(md)
-    imgs = "".join(f'<p><img src="{p.name}" alt="{p.stem}"></p>' for p in plots)
-    return (f"<!doctype html><meta charset='utf-8'><title>study report</title>"
-            f"<pre style='font-size:13px'>{body}</pre>{imgs}")
+        doc.heading("Failed trials")
+        doc.bullets([f"`{r['trial_id']}` {r['config_id']}: {r['error'][:300]}" for r in failed])
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
 from hescape.study import lineage
+from hescape.study.effects import check_per_donor
+
+PER_DONOR = "eval/per_donor.csv"  # under the trial directory and the child run's artifacts
 
 
 def trial_table(ref: lineage.LineageRef, *, phase: str | None = None) -> list[dict[str, Any]]:
@@ -15,10 +24,7 @@ def trial_table(ref: lineage.LineageRef, *, phase: str | None = None) -> list[di
         tags = run.data.tags
         if phase and tags.get("hescape.phase") != phase:
             continue
-        try:
-            sweep = json.loads(tags.get("hescape.sweep_params", "{}"))
-        except json.JSONDecodeError:
-            sweep = {}
+        sweep = _json(tags.get("hescape.sweep_params"))
         rows.append(
             {
                 "run_id": run.info.run_id,
@@ -30,6 +36,9 @@ def trial_table(ref: lineage.LineageRef, *, phase: str | None = None) -> list[di
                 "seed": tags.get("hescape.seed", ""),
                 "preprocess": tags.get("hescape.preprocess", ""),
                 "saw_heldout": tags.get("hescape.preprocess_saw_heldout", ""),
+                "preprocess_converged": tags.get("hescape.preprocess_converged", ""),
+                "preprocess_info": _json(tags.get("hescape.preprocess_info")),
+                "split": parse_split(tags.get("hescape.split", "")),
                 "error": tags.get("hescape.error", ""),
                 "sweep_params": sweep,
                 "params": dict(run.data.params),
@@ -45,3 +54,64 @@ def metric_history(ref: lineage.LineageRef, run_id: str, key: str) -> list[tuple
     client = lineage.MlflowClient(ref.tracking_uri)
     hist = lineage.with_retry(lambda: client.get_metric_history(run_id, key))
     return sorted((m.step, m.value) for m in hist)
+
+
+def _json(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def parse_split(tag: str) -> dict[str, list[str]]:
+    """``train=a,b;val=c;test=d`` (the ``hescape.split`` tag) -> {part: donors}."""
+    out: dict[str, list[str]] = {}
+    for part in filter(None, tag.split(";")):
+        name, _, donors = part.partition("=")
+        out[name] = [d for d in donors.split(",") if d]
+    return out
+
+
+def per_donor_tables(
+    ref: lineage.LineageRef | None, study_dir: Path, rows: Sequence[dict[str, Any]]
+) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """Each trial's per-donor evaluation table (``<study_dir>/trials/<id>/eval/per_donor.csv``,
+    else the child run's artifact), keyed by trial id; plus notes on unreadable tables.
+    Trials without one are absent (evaluations before the table existed)."""
+    tables, notes = {}, []
+    for row in rows:
+        path = Path(study_dir) / "trials" / row["trial_id"] / PER_DONOR
+        try:
+            if path.is_file():
+                table = _read(path, str(path))
+            elif ref is not None and row.get("run_id"):
+                table = _read_artifact(ref, row["run_id"])
+            else:
+                table = None
+        except (ValueError, OSError, MlflowException) as exc:
+            notes.append(f"trial `{row['trial_id']}`: per-donor table not used: {exc}")
+            continue
+        if table is not None:
+            tables[row["trial_id"]] = table
+    return tables, notes
+
+
+def _read(path: Path, source: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype={"donor": str})
+    except pd.errors.ParserError as exc:
+        raise ValueError(f"{source}: not a CSV table ({exc})") from exc
+    return check_per_donor(frame, source)
+
+
+def _read_artifact(ref: lineage.LineageRef, run_id: str) -> pd.DataFrame | None:
+    """The child run's ``eval/per_donor.csv`` artifact, or None when it has none."""
+    client = lineage.MlflowClient(ref.tracking_uri)
+    folder = PER_DONOR.rsplit("/", 1)[0]
+    listed = {a.path for a in lineage.with_retry(lambda: client.list_artifacts(run_id, folder))}
+    if PER_DONOR not in listed:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = lineage.with_retry(lambda: client.download_artifacts(run_id, PER_DONOR, tmp))
+        return _read(Path(local), f"run {run_id} artifact {PER_DONOR}")
