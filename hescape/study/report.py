@@ -127,6 +127,7 @@ def _warnings(doc: Document, rows: Rows, shared_work, strata, problems: Sequence
                      "`hescape.preprocess_saw_heldout` tag: their protocol is unknown and they "
                      "are shown apart.")
     found += notes.preprocessing_warnings(rows, shared_work)
+    found += notes.mixing_warnings(finished(rows))
     found += list(problems)
     for text in found:
         doc.warning(text)

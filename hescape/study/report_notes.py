@@ -45,14 +45,14 @@ FALLBACK_NAMES: dict[str, list[str]] = {
     "mutation": ["mutation_auroc", "mutation_auroc_ci_low", "mutation_auroc_ci_high",
                  "mutation_auroc_pvalue", "mutation_underpowered", "mutation_n_donors",
                  "mutation_n_donors_min_class", "mutation_n_encoder_donors"],
-    "mixing": ["ilisi", "kbet", "graph_connectivity", "silhouette_batch", "nmi", "ari",
-               "silhouette_label"],
+    "mixing": ["ilisi", "kbet", "kbet_global", "graph_connectivity", "silhouette_batch",
+               "silhouette_label", "nmi_kmeans", "ari_kmeans", "n_batches"],
 }
 FALLBACK_TASKS = {"expression pearson (HEST)": "hest_pearson_mean",
                   "expression pearson (per donor)": "ridge_per_donor_pearson_mean",
                   "label bal. acc.": "label_balanced_accuracy",
                   "mutation AUROC": "mutation_auroc", "batch mixing iLISI": "ilisi",
-                  "bio NMI": "nmi"}
+                  "bio NMI (KMeans)": "nmi_kmeans"}
 FALLBACK_HEADLINE = ("test/r5_img2gene", "test/r5_gene2img", "test/img/hest_pearson_mean",
                      "test/img/ridge_per_donor_pearson_mean", "test/img/mutation_auroc",
                      "test/gene/ilisi", "test/gene/kbet")
@@ -95,6 +95,15 @@ def headline_keys(cfg: StudyConfig) -> list[str]:
     except (ImportError, AttributeError):
         found = list(FALLBACK_HEADLINE)
     return [k for k in dict.fromkeys([*first, *found]) if not k.endswith("_underpowered")]
+
+
+MIXING_INFO = {"n_batches", "n_labels", "subsample_n", "subsample_seed", "knn_capped"}
+
+
+def mixing_figures(cfg: StudyConfig | None = None) -> set[str]:
+    """Names of the mixing figures (not their bookkeeping: batch counts, subsample size)."""
+    names = probe_names(cfg)
+    return {m for probe, ms in names.items() if "mix" in probe for m in ms} - MIXING_INFO
 
 
 def split_key(key: str) -> tuple[str, str | None, str]:
@@ -142,10 +151,17 @@ _GLOSSARY = [
      "`mutation_auroc`: donor-level mutation probe, mean of per-fold AUROCs, with a donor "
      "bootstrap CI and a label-permutation p-value; blank when underpowered. Its CV includes "
      "the donors the encoder trained on (see the mutation section)."),
-    (r"^(ilisi|kbet|graph_connectivity|silhouette_batch)",
-     "Batch-mixing figures (`ilisi`, `kbet`, ...) on the held-out donors, with the number of "
-     "batches beside each; names follow hescape.evaluate.mixing (see its docstring for which "
-     "equal scib-metrics' values)."),
+    (r"^(ilisi|kbet|kbet_global|graph_connectivity|silhouette_batch|silhouette_label)$",
+     "`ilisi`, `kbet` (per label), `kbet_global`, `graph_connectivity`, `silhouette_batch`, "
+     "`silhouette_label`: scib-metrics' definitions (its Benchmarker's neighbour lists, exact "
+     "neighbours) on the held-out donors, in [0, 1], higher is better; the number of batches "
+     "mixed is printed beside each (`n_batches`)."),
+    (r"^(nmi|ari)_kmeans$",
+     "`nmi_kmeans` / `ari_kmeans`: NMI / ARI of a KMeans clustering against the labels; not "
+     "scib's Leiden NMI."),
+    (r"^(knn_)?label_balanced_accuracy$",
+     "`label_balanced_accuracy` (linear probe) / `knn_label_balanced_accuracy` (kNN): "
+     "spot-level label prediction, fitted on training donors, scored on held-out donors."),
 ]
 
 
@@ -204,6 +220,17 @@ def _unconverged(info: dict[str, Any]) -> str | None:
         return ("did not converge within its iteration limit (Harmony): its corrected space "
                 "is not a finished correction.")
     return None
+
+
+def mixing_warnings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Trials whose mixing figures rest on a neighbour graph smaller than scib's."""
+    capped = [r["trial_id"] for r in rows
+              if any(k.endswith("/knn_capped") and v == 1.0 for k, v in r["metrics"].items())]
+    if not capped:
+        return []
+    return [f"Trials {', '.join(f'`{t}`' for t in capped)}: mixing figures measured on fewer "
+            "than 91 rows (`knn_capped`), so their neighbour graphs are smaller than "
+            "scib-metrics' 15/50/90: treat those figures as under-powered."]
 
 
 # ---------------------------------------------------------------------- mutation probe

@@ -35,15 +35,12 @@ def _present(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[str]:
     return [k for k in dict.fromkeys(keys) if any(k in r["metrics"] for r in rows)]
 
 
-def _mixing_names(cfg: StudyConfig | None = None) -> set[str]:
-    names = notes.probe_names(cfg)
-    return {m for probe, ms in names.items() if "mix" in probe for m in ms} - {"n_batches"}
 
 
 def with_companions(keys: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[str]:
     """``keys`` with the batch count after mixing figures and the PCA dimension after
     expression-probe figures (where the trials logged them)."""
-    mixing, out = _mixing_names(), []
+    mixing, out = notes.mixing_figures(), []
     for key in keys:
         out.append(key)
         out += [c for c in notes.companions(key, mixing) if c not in out]
@@ -132,7 +129,7 @@ def baseline_comparison(rows: list[dict[str, Any]],
 def _with_companions(label: str, metric: str, rows: Sequence[dict[str, Any]]) -> str:
     """A row label with the batch count (mixing) or PCA dimension (expression probes) the
     trials logged beside that figure."""
-    found = notes.companions(f"test/x/{metric}", _mixing_names())
+    found = notes.companions(f"test/x/{metric}", notes.mixing_figures())
     if not found:
         return label
     name = notes.split_key(found[0])[2]

@@ -242,6 +242,9 @@ def test_scvi_epoch_cap_and_harmony_warnings(tmp_path):
     variants = _section(md, "## Preprocessing variants before training")
     assert "stopped on cap (60/60 ep)" in variants and "early-stopped (140 ep)" in variants
     assert "n_batches" in variants and "d4, d5" in variants
+    rows[3]["metrics"]["test/gene/knn_capped"] = 1.0
+    capped = build_report(cfg, rows, out=tmp_path, per_donor=per_donor)[0].markdown()
+    assert "Trials `t3`: mixing figures measured on fewer than 91 rows" in capped
     clean = build_report(cfg, _mixed_study()[1], out=tmp_path, shared_work={"variants": []},
                          per_donor=per_donor)[0].markdown()
     assert "epoch cap" not in clean and "did not converge" not in clean
