@@ -247,6 +247,10 @@ class MlflowConfig(Strict):
         None, description="null = $MLFLOW_TRACKING_URI, else sqlite under storage_dir"
     )
     experiment: Optional[str] = Field(None, description="null = the study name")
+    artifact_location: Optional[str] = Field(
+        None, description="artifact root of new experiments (s3://..., a path): null = "
+        "$HESCAPE_ARTIFACT_LOCATION, else <storage_dir>/mlartifacts (a server decides for http)"
+    )
 
 
 class StudyConfig(Strict):

@@ -44,6 +44,35 @@ def resolve_tracking_uri(cfg_uri: str | None, storage_dir: Path | str) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+ARTIFACT_LOCATION_ENV = "HESCAPE_ARTIFACT_LOCATION"
+ARTIFACT_DIR = "mlartifacts"  # <storage_dir>/mlartifacts/<experiment>/<run_id>/artifacts
+# Tracking URIs that name a server: it decides where artifacts go (--artifacts-destination).
+_SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
+_UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+
+def resolve_artifact_location(
+    cfg_location: str | None, storage_dir: Path | str, tracking_uri: str, experiment: str
+) -> str | None:
+    """Artifact location of a new study experiment: ``<root>/<experiment>``.
+
+    The root is explicit > ``$HESCAPE_ARTIFACT_LOCATION`` > ``<storage_dir>/mlartifacts`` (a
+    ``file://`` URI). ``s3://bucket/prefix`` and other object-store URIs pass through. With a
+    tracking *server* (http/https) and no explicit root, None: the server's artifact proxy
+    decides. MLflow's own default, ``./mlruns`` of the current directory, is never used.
+    """
+    root = next((c.strip() for c in (cfg_location, os.environ.get(ARTIFACT_LOCATION_ENV))
+                 if c is not None and c.strip()), None)
+    name = _UNSAFE_PATH_CHARS.sub("_", experiment).strip("._") or "experiment"
+    if root is None:
+        if tracking_uri.partition("://")[0].lower() in _SERVER_SCHEMES:
+            return None
+        root = str(Path(storage_dir).expanduser().resolve() / ARTIFACT_DIR)
+    if "://" in root or root.startswith("mlflow-artifacts:"):
+        return f"{root.rstrip('/')}/{name}"
+    return (Path(root).expanduser().resolve() / name).as_uri()
+
+
 def normalize_db_uri(uri: str) -> str:
     """Pin ``postgresql://`` to the installed driver: ``postgresql+psycopg2://`` when only psycopg2
     is installed (SQLAlchemy 2.1 otherwise picks psycopg 3 and fails with "No module named

@@ -160,6 +160,26 @@ def test_resolve_tracking_uri_precedence(tmp_path: Path, monkeypatch) -> None:
     assert resolve_tracking_uri("sqlite:///x.db", "runs") == "sqlite:///x.db"
 
 
+def test_resolve_artifact_location(tmp_path: Path, monkeypatch) -> None:
+    resolve = tracking.resolve_artifact_location
+    monkeypatch.delenv(tracking.ARTIFACT_LOCATION_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    sqlite = "sqlite:///x/mlflow.db"
+    # default: per experiment under storage_dir, absolute (never ./mlruns of the cwd)
+    assert resolve(None, "runs", sqlite, "demo") == (tmp_path / "runs/mlartifacts/demo").as_uri()
+    assert resolve(None, "runs", "postgresql+psycopg2://h/db", "a b/c") == (
+        tmp_path / "runs/mlartifacts/a_b_c").as_uri()
+    # a tracking server decides where artifacts go unless a root is configured
+    assert resolve(None, "runs", "http://127.0.0.1:5000", "demo") is None
+    assert resolve("s3://bucket/hescape/", "runs", "http://h:5000", "demo") == (
+        "s3://bucket/hescape/demo")
+    # explicit > environment > storage_dir; a relative local root is made absolute
+    monkeypatch.setenv(tracking.ARTIFACT_LOCATION_ENV, "gs://env-bucket")
+    assert resolve(None, "runs", sqlite, "demo") == "gs://env-bucket/demo"
+    assert resolve(" ", "runs", sqlite, "demo") == "gs://env-bucket/demo"
+    assert resolve("art", "runs", sqlite, "demo") == (tmp_path / "art/demo").as_uri()
+
+
 def test_normalize_db_uri_pins_installed_driver() -> None:
     from importlib.util import find_spec
 

@@ -102,7 +102,9 @@ def run_study(
     ref = lineage.open_parent(
         uri, cfg.mlflow.experiment or cfg.name, cfg.name, resume=resume,
         tags={"hescape.git_commit": git_commit(), "hescape.data_fingerprint": paired.fingerprint},
+        artifact_location=lineage.artifact_location_for(cfg, uri),
     )
+    lineage.log_dataset(ref, ref.parent_run_id, paired)  # MLflow's Dataset column and filters
     _write_study_json(study_dir, cfg, ref, source)
     result = StudyResult(cfg.name, study_dir, ref.parent_run_id, uri)
     status = "FAILED"

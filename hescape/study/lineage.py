@@ -3,11 +3,21 @@
 Runs are found again by tags, never by in-memory maps, so a restored driver or a restarted
 trial reattaches to its run instead of opening a second one (the trap of Ray's
 ``MLflowLoggerCallback``). Orphans (RUNNING runs of a crashed driver) are closed on resume.
+
+What the MLflow UI shows comes from here too: the experiment is tagged as a training
+(``custom_model_development``) experiment, the parent run carries MLflow's standard source
+tags (entry point, git commit; the Source column) and the dataset as MLflow dataset inputs,
+one per split part (the Dataset column, ``dataset.name``/``dataset.context`` filters); child
+runs inherit both from the parent when they are created.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,13 +26,30 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from hescape.tracking import flatten, sanitize_key, scrub_params, with_retry
+from hescape.tracking import (
+    flatten,
+    resolve_artifact_location,
+    sanitize_key,
+    scrub_params,
+    scrub_text,
+    with_retry,
+)
 
 TAG_STUDY = "hescape.study"
 TAG_ROLE = "hescape.role"
 TAG_TRIAL = "ray.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+# MLflow 3's experiment kind; "custom_model_development" is the UI's "Machine learning" kind
+# (training runs table), "genai_development" its GenAI view (traces, judges, prompts).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+TAG_ENTRY_POINT = "mlflow.project.entryPoint"
+# Run tags a child copies from its parent (run in another process, where sys.argv is Ray's).
+INHERITED_TAGS = ("mlflow.user", "mlflow.source.", TAG_ENTRY_POINT)
+DATA_CONTEXT_TAG = "mlflow.data.context"  # mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT
+
+log = logging.getLogger("hescape.study")
 
 
 @dataclass(frozen=True)
@@ -39,13 +66,75 @@ def _filter(**tags: str) -> str:
     return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
 
 
-def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+def get_or_create_experiment(
+    client: MlflowClient, name: str, *, artifact_location: str | None = None
+) -> str:
+    """The experiment ``name`` (restored if deleted), created with ``artifact_location``.
+
+    Either way it carries the training experiment-kind tag (unless someone chose a kind).
+    An existing experiment keeps the artifact location it was created with (MLflow cannot
+    move it); a different configured one is reported.
+    """
     exp = with_retry(lambda: client.get_experiment_by_name(name))
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            with_retry(lambda: client.restore_experiment(exp.experiment_id))
-        return exp.experiment_id
-    return with_retry(lambda: client.create_experiment(name))
+    if exp is None:
+        kind = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_TRAINING}
+        return with_retry(lambda: client.create_experiment(
+            name, artifact_location=artifact_location, tags=kind))
+    if exp.lifecycle_stage == "deleted":
+        with_retry(lambda: client.restore_experiment(exp.experiment_id))
+    if TAG_EXPERIMENT_KIND not in exp.tags:
+        with_retry(lambda: client.set_experiment_tag(
+            exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING))
+    if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+        log.warning("MLflow experiment %r keeps the artifact location it was created with (%s), "
+                    "not %s", name, exp.artifact_location, artifact_location)
+    return exp.experiment_id
+
+
+def entry_point(argv: list[str] | None = None) -> str:
+    """The command that started the study: program and leading positional arguments.
+
+    ``study/run.py experiments/demo.yaml --set x=1`` -> ``study/run.py experiments/demo.yaml``;
+    a console script is named by its basename (``hescape study run ...``).
+    """
+    argv = list(sys.argv if argv is None else argv) or ["python"]
+    prog = argv[0] if argv[0].endswith(".py") else Path(argv[0]).name
+    words = [prog]
+    for arg in argv[1:]:
+        if arg.startswith("-") or len(words) == 4:
+            break
+        words.append(arg)
+    return scrub_text(" ".join(words))[:500]
+
+
+def _package_git(*args: str) -> str:
+    root = Path(__file__).resolve().parent
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def source_tags(argv: list[str] | None = None) -> dict[str, str]:
+    """MLflow's standard run-context tags (user, source name/type, git) plus the entry point.
+
+    The git commit falls back to the checkout ``hescape`` is imported from when the entry
+    script is not in a git repository (an installed console script).
+    """
+    from mlflow.tracking.context.registry import resolve_tags
+
+    try:
+        tags = {k: str(v) for k, v in resolve_tags().items()}
+    except Exception as exc:  # noqa: BLE001 - a context provider must never stop a study
+        log.warning("MLflow run-context tags unavailable: %s", exc)
+        tags = {}
+    tags.setdefault("mlflow.source.name", sys.argv[0] if sys.argv else "python")
+    tags.setdefault("mlflow.source.type", "LOCAL")
+    if "mlflow.source.git.commit" not in tags and (commit := _package_git("rev-parse", "HEAD")):
+        tags["mlflow.source.git.commit"] = commit
+    tags[TAG_ENTRY_POINT] = entry_point(argv)
+    return tags
 
 
 def find_parent(client: MlflowClient, experiment_id: str, study: str) -> str | None:
@@ -57,15 +146,33 @@ def find_parent(client: MlflowClient, experiment_id: str, study: str) -> str | N
     return runs[0].info.run_id if runs else None
 
 
+def artifact_location_for(cfg: Any, tracking_uri: str) -> str | None:
+    """Artifact location of the study's experiment (``resolve_artifact_location`` of ``cfg``)."""
+    experiment = cfg.mlflow.experiment or cfg.name
+    return resolve_artifact_location(cfg.mlflow.artifact_location, cfg.storage_dir,
+                                     tracking_uri, experiment)
+
+
 def open_parent(
-    tracking_uri: str, experiment: str, study: str, *, resume: bool, tags: dict[str, str]
+    tracking_uri: str,
+    experiment: str,
+    study: str,
+    *,
+    resume: bool,
+    tags: dict[str, str],
+    artifact_location: str | None = None,
 ) -> LineageRef:
-    """Create the study's parent run, or reuse it on resume (set back to RUNNING)."""
+    """Create the study's parent run, or reuse it on resume (set back to RUNNING).
+
+    A new experiment stores its artifacts at ``artifact_location`` (see
+    ``hescape.tracking.resolve_artifact_location``); the run gets ``source_tags()``.
+    """
     client = MlflowClient(tracking_uri)
-    exp_id = get_or_create_experiment(client, experiment)
+    exp_id = get_or_create_experiment(client, experiment, artifact_location=artifact_location)
     run_id = find_parent(client, exp_id, study) if resume else None
     if run_id is None:
-        all_tags = {TAG_STUDY: study, TAG_ROLE: "parent", TAG_RUN_NAME: study, **tags}
+        all_tags = {**source_tags(), TAG_STUDY: study, TAG_ROLE: "parent", TAG_RUN_NAME: study,
+                    **tags}
         run = with_retry(lambda: client.create_run(exp_id, tags=all_tags, run_name=study))
         run_id = run.info.run_id
     else:
@@ -101,7 +208,9 @@ def open_child(
         with_retry(lambda: client.update_run(run_id, status="RUNNING"))
         with_retry(lambda: client.set_tag(run_id, "hescape.reattached", "true"))
         return run_id
+    parent = with_retry(lambda: client.get_run(ref.parent_run_id))
     all_tags = {
+        **{k: v for k, v in parent.data.tags.items() if k.startswith(INHERITED_TAGS)},
         TAG_PARENT: ref.parent_run_id,
         TAG_TRIAL: trial_id,
         TAG_STUDY: ref.study,
@@ -110,7 +219,58 @@ def open_child(
         **tags,
     }
     run = with_retry(lambda: client.create_run(ref.experiment_id, tags=all_tags, run_name=name))
+    inputs = list(parent.inputs.dataset_inputs) if parent.inputs else []
+    if inputs:
+        with_retry(lambda: client.log_inputs(run.info.run_id, datasets=inputs))
     return run.info.run_id
+
+
+def dataset_inputs(
+    name: str,
+    fingerprint: str,
+    split: dict[str, list[str]],
+    *,
+    uri: str,
+    n_spots: dict[str, int] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> list[Any]:
+    """One MLflow dataset input per split part (context tag = the part: train/val/test).
+
+    Name = the dataset's name; digest = a 12-hex hash of (fingerprint, part, donors), so each
+    part is its own dataset in MLflow's store; the profile holds the full fingerprint, the
+    part's donors and sizes. Filter runs with ``dataset.name = '<name>'`` and
+    ``dataset.context = 'test'``; the fingerprint is also the ``hescape.data_fingerprint`` tag.
+    """
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = LocalArtifactDatasetSource(uri).to_json()
+    out = []
+    for part, donors in split.items():
+        donors = sorted(donors)
+        digest = hashlib.sha256(f"{fingerprint}|{part}|{','.join(donors)}".encode()).hexdigest()
+        profile = {"fingerprint": fingerprint, "part": part, "donors": donors,
+                   "n_donors": len(donors), **(extra or {})}
+        if n_spots and part in n_spots:
+            profile["n_spots"] = int(n_spots[part])
+        dataset = Dataset(name=name[:500], digest=digest[:12], source_type="local",
+                          source=source, profile=json.dumps(profile))
+        out.append(DatasetInput(dataset, tags=[InputTag(DATA_CONTEXT_TAG, part)]))
+    return out
+
+
+def log_dataset(ref: LineageRef, run_id: str, paired: Any) -> None:
+    """Log a ``PairedData`` (name, fingerprint, split donors, sizes) as the run's dataset inputs."""
+    parts = {k: list(v) for k, v in paired.split.items()}
+    inputs = dataset_inputs(
+        Path(paired.path).name, paired.fingerprint, parts, uri=str(Path(paired.path).resolve()),
+        n_spots={part: len(paired.indices(part)) for part in parts},
+        extra={"n_genes": int(paired.manifest.get("n_vars", 0)),
+               "patch_size": paired.manifest.get("patch_size"),
+               "source": paired.manifest.get("source")},
+    )
+    client = MlflowClient(ref.tracking_uri)
+    with_retry(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
 def log_params(ref: LineageRef, run_id: str, config: dict[str, Any]) -> None:
@@ -165,13 +325,19 @@ def close_orphans(ref: LineageRef, *, status: str = "KILLED", reason: str) -> in
 
 __all__ = [
     "LineageRef",
+    "artifact_location_for",
     "child_runs",
     "close_orphans",
+    "dataset_inputs",
+    "entry_point",
     "find_child",
     "finish_run",
+    "get_or_create_experiment",
+    "log_dataset",
     "log_artifacts",
     "log_json_artifact",
     "log_params",
     "open_child",
     "open_parent",
+    "source_tags",
 ]
