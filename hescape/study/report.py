@@ -167,6 +167,10 @@ def _effects(doc: Document, rows: Rows, per_donor, cfg, settings, out: Path) -> 
         "by each donor's spots (the whole-set figure), Pearson figures are a plain mean over "
         f"donors. Fewer than {settings.min_donors} held-out donors give no CI; with few "
         "donors the CI is coarse. \"not distinguishable\": the CI covers 0.")
+    stopped = sum(r["status"] == "KILLED" for r in rows)
+    if stopped:
+        doc.para(f"{stopped} trial(s) were stopped early (ASHA, on validation donors) and are "
+                 "not in the effects: a level whose weak trials were stopped is flattered.")
     missing = len(done) - sum(r["trial_id"] in per_donor for r in done)
     if missing:
         doc.para(f"{missing} of {len(done)} finished trial(s) have no per-donor table and "

@@ -173,6 +173,14 @@ def test_report_splits_every_table_by_saw_heldout(tmp_path):
     assert set(frames["leaderboard"]["protocol"]) == {"inductive", "transductive"}
 
 
+def test_effects_say_that_asha_stopped_trials_are_left_out(tmp_path):
+    cfg, rows, per_donor = _mixed_study()
+    rows.append(_row(9, {"preprocess.expression.method": "none"}, {}, status="KILLED"))
+    effects = _section(build_report(cfg, rows, out=tmp_path, per_donor=per_donor)[0].markdown(),
+                       "## Factor effects")
+    assert "1 trial(s) were stopped early" in effects
+
+
 def test_single_protocol_is_named_once(tmp_path):
     cfg, rows, per_donor = _mixed_study()
     doc, _ = build_report(cfg, rows[:4], out=tmp_path, per_donor=per_donor)
