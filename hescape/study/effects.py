@@ -218,10 +218,13 @@ def _design(level: Sequence[Trial], ref: Sequence[Trial], paired: bool) -> str:
                 + (f"; {left} unmatched trial(s) left out" if left else ""))
     n_l, n_r = len(_groups(level, "config")), len(_groups(ref, "config"))
     text = f"unpaired: {n_l} vs {n_r} configuration(s), marginal over the other factors"
-    if len(level) == len(ref) == 1:
-        text += "; one trial per level: CI covers donor sampling only, not seed variation"
-    elif any(len(ix) > 1 for ix in _groups([*level, *ref], "config").values()):
+    if any(len(ix) > 1 for ix in _groups([*level, *ref], "config").values()):
         text += "; seeds resampled within configuration"
+    single = [name for name, side in (("level", level), ("reference", ref)) if len(side) == 1]
+    if single:
+        who = "both sides are single trials" if len(single) == 2 else f"the {single[0]} is a " \
+            "single trial"
+        text += f"; {who}: the CI omits training-seed variation"
     return text
 
 

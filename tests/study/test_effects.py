@@ -46,7 +46,7 @@ def test_known_difference_excludes_zero():
     assert eff.delta == pytest.approx(0.1, abs=0.02)
     assert 0 < eff.low < eff.delta < eff.high
     assert eff.verdict == "higher than reference" and eff.n_donors == 10
-    assert "one trial per level" in eff.design
+    assert "both sides are single trials: the CI omits training-seed variation" in eff.design
 
 
 def test_pure_noise_is_not_distinguishable_at_about_the_nominal_rate():
