@@ -11,8 +11,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted study: finished trials are kept, "
-                   "unfinished ones resume, errored ones restart")
+                   help="continue an interrupted study: finished trials are kept, unfinished "
+                   "ones resume from their last checkpoint, failed ones stay failed; a finished "
+                   "study only prints where its report is")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing study of the same name and start again")
     p.add_argument("--address", default=None,
@@ -21,6 +22,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="validate the config and print the plan without running anything")
     p.add_argument("--report", action="store_true",
                    help="only rewrite the report of an existing study")
+    p.add_argument("--verbose", action="store_true",
+                   help="Tune's status tables and each trial's per-step lines (default: one "
+                   "line per trial event)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -36,7 +40,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"report: {report_study(cfg.storage_dir, cfg.name)}")
             return 0
         result = run_study_file(args.config, args.overrides, resume=args.resume,
-                                overwrite=args.overwrite, address=args.address)
+                                overwrite=args.overwrite, address=args.address,
+                                verbose=args.verbose)
     except (ConfigError, ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

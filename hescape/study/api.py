@@ -16,13 +16,14 @@ def run_study_file(
     overwrite: bool = False,
     address: str | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ):
     """Load, validate and run the study in ``path``; returns a ``StudyResult``."""
     from hescape.study.driver import run_study
 
     cfg = load_config(path, overrides)
     return run_study(cfg, source=str(path), resume=resume, overwrite=overwrite,
-                     address=address, progress=progress)
+                     address=address, progress=progress, verbose=verbose)
 
 
 def describe_plan(cfg: StudyConfig, source: str) -> str:
@@ -60,6 +61,9 @@ def report_study(storage_dir: str | Path, name: str) -> Path:
     if not info_path.exists():
         raise ConfigError(f"no study {name!r} under {study_dir.parent} (missing {info_path})")
     info = json.loads(info_path.read_text())
+    if not info.get("parent_run_id"):
+        raise ConfigError(f"study {name!r} stopped before its MLflow run opened: finish it "
+                          "with --resume first")
     ref = LineageRef(info["tracking_uri"], info["experiment_id"], info["parent_run_id"], name)
     cfg = StudyConfig.model_validate(info["config"])
     shared = study_dir / "shared_work.json"

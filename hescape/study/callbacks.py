@@ -1,32 +1,109 @@
-"""Driver-side Tune callback: close the MLflow run of a trial that ended from outside.
+"""Driver-side Tune callbacks: close the MLflow runs of trials ended from outside, and print
+one concise console line per trial event.
 
-A trial closes its own run when it finishes or raises. It cannot when it is stopped from
-outside: ASHA stops it, its worker process dies, or Ray kills its actor. This callback runs
-in the driver and closes such runs (KILLED or FAILED, with the reason), so the dashboard
-never shows a trial RUNNING forever.
+A trial closes its own run when it finishes or raises. It cannot say why when it is stopped
+from outside: ASHA stops it, its worker process dies, or Ray kills its actor. ``MlflowCloser``
+runs in the driver and records that (KILLED or FAILED, with the reason), so the dashboard
+never shows a trial RUNNING forever. ``ConsoleProgress`` replaces Tune's status tables
+(``--verbose`` brings them back) with lines such as::
+
+    [search 3/12 1a2b3c4d] started: loss.name=clip train.lr=0.00201
+    [search 3/12 1a2b3c4d] step 50: val/r5_img2gene 0.0812
+    [search 3/12 1a2b3c4d] stopped by ASHA at step 50: val/r5_img2gene 0.0812
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from pathlib import Path
+from typing import Any, TextIO
 
 from ray.tune import Callback
 
 from hescape.study import lineage
+from hescape.study.reporting import FINAL, REPORT_KIND, RESUMED, TIME_ATTR, TRAIN
+
+
+def stopped_by_scheduler(trial: Any) -> bool:
+    """True when Tune ended ``trial`` on a training report (ASHA), not on its final one."""
+    last = getattr(trial, "last_result", None) or {}
+    return bool(last) and last.get(REPORT_KIND) in (TRAIN, RESUMED)
 
 
 class MlflowCloser(Callback):
     def __init__(self, ref: lineage.LineageRef) -> None:
         self.ref = ref
 
-    def _close(self, trial: Any, status: str, reason: str) -> None:
-        for run in lineage.child_runs(self.ref, status="RUNNING"):
-            if run.data.tags.get(lineage.TAG_TRIAL) == trial.trial_id:
-                lineage.finish_run(self.ref, run.info.run_id, status, error=reason)
-
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "KILLED", "stopped by the scheduler before finishing (e.g. ASHA)")
+        if not stopped_by_scheduler(trial):
+            return  # the trial closed its run itself (FINISHED)
+        run = lineage.find_child(self.ref, trial.trial_id)
+        if run is not None and run.info.status != "FINISHED":
+            step = int(trial.last_result.get(TIME_ATTR, 0))
+            lineage.finish_run(self.ref, run.info.run_id, "KILLED",
+                               error=f"stopped early by the scheduler (ASHA) at step {step}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         reason = getattr(trial, "error_file", None) or "trial raised; see the Tune error file"
-        self._close(trial, "FAILED", f"trial errored: {reason}")
+        for run in lineage.child_runs(self.ref, status="RUNNING"):
+            if run.data.tags.get(lineage.TAG_TRIAL) == trial.trial_id:
+                lineage.finish_run(self.ref, run.info.run_id, "FAILED",
+                                   error=f"trial errored: {reason}")
+
+
+class ConsoleProgress(Callback):
+    """One line per trial event: started, evaluation step, finished, stopped, failed."""
+
+    def __init__(self, phase: str, metrics: list[str], total: int | None = None,
+                 out: TextIO | None = None) -> None:
+        self.phase, self.metrics, self.total, self.out = phase, list(metrics), total, out
+
+    def _line(self, trial: Any, text: str) -> None:
+        number = str(getattr(trial, "experiment_tag", "") or "").split("_")[0]
+        where = f"{number}/{self.total} " if number.isdigit() and self.total else ""
+        print(f"[{self.phase} {where}{trial.trial_id}] {text}", file=self.out or sys.stdout,
+              flush=True)
+
+    def _values(self, result: dict[str, Any], extra: tuple[str, ...] = ()) -> str:
+        keys = [*self.metrics, *extra]
+        return ", ".join(f"{k} {_fmt(result[k])}" for k in dict.fromkeys(keys) if k in result)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from hescape.study.trial import trial_params
+
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(trial_params(trial.config).items()))
+        self._line(trial, f"started: {params}" if params else "started")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        kind = result.get(REPORT_KIND)
+        if kind in (TRAIN, RESUMED) and not result.get("done"):
+            what = "resumed at step" if kind == RESUMED else "step"
+            self._line(trial, f"{what} {int(result.get(TIME_ATTR, 0))}: {self._values(result)}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        step = int(last.get(TIME_ATTR, 0))
+        if stopped_by_scheduler(trial):
+            self._line(trial, f"stopped by ASHA at step {step}: {self._values(last)}")
+        elif last.get(REPORT_KIND) == FINAL:
+            tests = tuple("test/" + m.split("/", 1)[1] for m in self.metrics if "/" in m)
+            self._line(trial, f"finished at step {step}: {self._values(last, tests)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, f"failed: {_error_line(getattr(trial, 'error_file', None))}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _error_line(path: str | None) -> str:
+    """The last line of a Tune error file (the exception), else a pointer to it."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except (OSError, TypeError):
+        return "see the Tune error file"
+    return lines[-1][:300] if lines else f"see {path}"

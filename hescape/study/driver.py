@@ -3,6 +3,11 @@
 ``run_study`` is the library entry point behind ``study/run.py``. Everything that can be
 checked before Ray starts is checked first (config, search space, storage, resources), so
 a typo fails in a second, not in trial 37.
+
+Resume: ``study.json`` (written before the parent run opens, rewritten FINISHED with the
+report's path at the end) says what exists; a finished study resumes to a no-op. Each Tune
+phase is restored from its own state (``tuner.restore_tuner``) and marked done only when
+every trial in it ended, so a study killed at any instant resumes to the same trials.
 """
 
 from __future__ import annotations
@@ -29,8 +34,15 @@ from hescape.study.resources import (
 from hescape.study.shared import check_dataset_path, ensure_dataset, precompute, storage_root
 from hescape.study.space import validate_space
 from hescape.study.trial import SharedContext
-from hescape.study.tuner import build_tuner, phase_dir, restore_tuner, seed_points
+from hescape.study.tuner import (
+    build_tuner,
+    phase_dir,
+    restore_tuner,
+    seed_points,
+    set_tune_output,
+)
 from hescape.tracking import resolve_tracking_uri
+from hescape.train.faults import arm_driver, maybe_kill_driver
 
 log = logging.getLogger("hescape.study")
 
@@ -41,7 +53,7 @@ class StudyResult:
     study_dir: Path
     parent_run_id: str
     tracking_uri: str
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[str] = field(default_factory=list)  # MLflow run ids of the trials
     report_dir: Path | None = None
 
 
@@ -68,7 +80,8 @@ def preflight(cfg: StudyConfig, *, source: str, resume: bool, overwrite: bool) -
             "--overwrite to discard it and start again, or --set name=<new name>."
         )
     if resume and not started:
-        raise ConfigError(f"--resume: no study {cfg.name!r} at {study_dir} to resume")
+        raise ConfigError(f"--resume: no study {cfg.name!r} at {study_dir} to resume (it never "
+                          "got past its start): run it without --resume")
     if overwrite and study_dir.exists():
         shutil.rmtree(study_dir)
     return study_dir
@@ -82,9 +95,16 @@ def run_study(
     overwrite: bool = False,
     address: str | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ) -> StudyResult:
-    """Run (or resume) a whole study and write its report."""
+    """Run (or resume) a whole study and write its report. ``verbose``: Tune's status tables
+    and the trials' own per-step lines instead of one console line per trial event."""
     study_dir = preflight(cfg, source=source, resume=resume, overwrite=overwrite)
+    finished = finished_study(study_dir) if resume else None
+    if finished is not None:
+        print(f"[study] {cfg.name} already finished: nothing to resume")
+        return finished
+    arm_driver()  # tests only: HESCAPE_FAULT_KILL_DRIVER_AT
     init_ray(address)
     import ray
 
@@ -99,13 +119,14 @@ def run_study(
     paired = load_paired(data_path)
     base = cfg.model_dump()
     base["data"]["path"] = str(data_path)
+    _write_study_json(study_dir, cfg, source, tracking_uri=uri)  # before the parent run: resumable
     ref = lineage.open_parent(
         uri, cfg.mlflow.experiment or cfg.name, cfg.name, resume=resume,
         tags={"hescape.git_commit": git_commit(), "hescape.data_fingerprint": paired.fingerprint},
         artifact_location=lineage.artifact_location_for(cfg, uri),
     )
+    _write_study_json(study_dir, cfg, source, ref=ref)
     lineage.log_dataset(ref, ref.parent_run_id, paired)  # MLflow's Dataset column and filters
-    _write_study_json(study_dir, cfg, ref, source)
     result = StudyResult(cfg.name, study_dir, ref.parent_run_id, uri)
     status = "FAILED"
     previous = _install_signal_handlers()
@@ -117,9 +138,11 @@ def run_study(
         shared_work = precompute(cfg, paired, progress=progress)
         _log_shared(ref, shared_work)
         shared = SharedContext(base, ref, str(study_dir), paired.fingerprint,
-                               {k: list(v) for k, v in paired.split.items()}, git_commit())
+                               {k: list(v) for k, v in paired.split.items()}, git_commit(),
+                               verbose=verbose)
         _run_phases(cfg, shared, res, concurrency, resume=resume)
         lineage.close_orphans(ref, status="KILLED", reason="trial stopped before it finished")
+        maybe_kill_driver("study_report")  # tests only
         from hescape.study.report import write_report
 
         result.report_dir = write_report(ref, study_dir, cfg, shared_work)
@@ -131,33 +154,40 @@ def run_study(
     finally:
         _restore_signal_handlers(previous)
         lineage.finish_run(ref, ref.parent_run_id, status)
+    _write_study_json(study_dir, cfg, source, ref=ref, report=result.report_dir)
     return result
 
 
 def _run_phases(cfg, shared: SharedContext, res, concurrency: int, *, resume: bool) -> None:
-    search_dir = phase_dir(shared, "search")
-    if resume and _phase_done(search_dir):
-        print("[study] search phase already complete; not re-running it")
-    else:
-        tuner = (restore_tuner(cfg, shared, res, concurrency, "search")
-                 if resume and search_dir.exists() else
-                 build_tuner(cfg, shared, res, concurrency, "search"))
-        tuner.fit()
-        _mark_done(search_dir)
+    _run_phase(cfg, shared, res, concurrency, "search", resume=resume)
     if cfg.sweep is None or cfg.sweep.seeds <= 1 or cfg.sweep.searcher == "grid":
         return
-    seeds_dir = phase_dir(shared, "seeds")
-    if resume and _phase_done(seeds_dir):
+    if resume and _phase_done(phase_dir(shared, "seeds")):
         return
     points = seed_points(cfg, shared)
-    if not points:
+    if points:
+        seeded = SharedContext(**{**shared.__dict__, "phase": "seeds"})
+        _run_phase(cfg, seeded, res, concurrency, "seeds", resume=resume, points=points)
+
+
+def _run_phase(cfg, shared: SharedContext, res, concurrency: int, phase: str, *, resume: bool,
+               points: list[dict[str, Any]] | None = None) -> None:
+    """Run (or restore) one Tune phase; mark it done only when every trial in it ended."""
+    path = phase_dir(shared, phase)
+    if resume and _phase_done(path):
+        print(f"[study] {phase} phase already complete; not re-running it")
         return
-    seeded = SharedContext(**{**shared.__dict__, "phase": "seeds"})
-    tuner = (restore_tuner(cfg, seeded, res, concurrency, "seeds", points=points)
-             if resume and seeds_dir.exists() else
-             build_tuner(cfg, seeded, res, concurrency, "seeds", points=points))
-    tuner.fit()
-    _mark_done(seeds_dir)
+    restoring = resume and path.exists()
+    print(f"[study] {phase} phase: {'resuming' if restoring else 'starting'}", flush=True)
+    set_tune_output(shared.verbose)
+    tuner = (restore_tuner(cfg, shared, res, concurrency, phase, points=points) if restoring
+             else build_tuner(cfg, shared, res, concurrency, phase, points=points))
+    grid = tuner.fit()
+    ended = grid.num_terminated + grid.num_errors
+    if ended < len(grid):  # Tune's own SIGINT handler returns early, trials unfinished
+        raise KeyboardInterrupt(f"{phase} phase interrupted with {len(grid) - ended} trial(s) "
+                                "unfinished")
+    _mark_done(path)
 
 
 def _phase_done(path: Path) -> bool:
@@ -169,14 +199,37 @@ def _mark_done(path: Path) -> None:
     (path / "hescape_phase_done").write_text(time.strftime("%F %T"))
 
 
-def _write_study_json(study_dir: Path, cfg: StudyConfig, ref, source: str) -> None:
+def _write_study_json(study_dir: Path, cfg: StudyConfig, source: str, *, ref=None,
+                      tracking_uri: str | None = None, report: Path | None = None) -> None:
+    """``study.json``: what the study is and where its runs are (atomic). With ``report``
+    the study is FINISHED: ``--resume`` then only says where the report is."""
     study_dir.mkdir(parents=True, exist_ok=True)
-    info = {"name": cfg.name, "source": source, "tracking_uri": ref.tracking_uri,
-            "experiment_id": ref.experiment_id, "parent_run_id": ref.parent_run_id,
+    info = {"name": cfg.name, "source": source,
+            "tracking_uri": ref.tracking_uri if ref is not None else tracking_uri,
+            "experiment_id": ref.experiment_id if ref is not None else None,
+            "parent_run_id": ref.parent_run_id if ref is not None else None,
+            "status": "FINISHED" if report is not None else "RUNNING",
+            "report_dir": str(report) if report is not None else None,
             "config": cfg.model_dump()}
     tmp = study_dir / "study.json.tmp"
     tmp.write_text(json.dumps(info, indent=2, default=str))
     os.replace(tmp, study_dir / "study.json")
+
+
+def finished_study(study_dir: Path) -> StudyResult | None:
+    """The result of a study that already finished (its report written), else None."""
+    try:
+        info = json.loads((study_dir / "study.json").read_text())
+    except (OSError, ValueError):
+        return None
+    report = info.get("report_dir")
+    if info.get("status") != "FINISHED" or not report or not Path(report).is_dir():
+        return None
+    ref = lineage.LineageRef(info["tracking_uri"], info["experiment_id"], info["parent_run_id"],
+                             info["name"])
+    return StudyResult(info["name"], study_dir, ref.parent_run_id, ref.tracking_uri,
+                       trials=[r.info.run_id for r in lineage.child_runs(ref)],
+                       report_dir=Path(report))
 
 
 def _log_shared(ref, shared_work: dict[str, Any]) -> None:

@@ -7,25 +7,36 @@ into the grid). Run names are stable (no timestamps) so ``Tuner.restore`` finds 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from hescape.config import StudyConfig
-from hescape.study.callbacks import MlflowCloser
+from hescape.study.callbacks import ConsoleProgress, MlflowCloser
+from hescape.study.durable import DurableScheduler
+from hescape.study.reporting import TIME_ATTR, objectives, scheduler_metric
 from hescape.study.resources import TrialResources
 from hescape.study.space import SEED_KEY, define_by_run, grid_points, with_seeds
 from hescape.study.trial import SharedContext, run_trial
+
+__all__ = ["build_tuner", "objectives", "phase_dir", "restore_tuner", "seed_points"]
+
+SCHEDULER_STATE = "hescape_scheduler.pkl"  # DurableScheduler's state, in the phase directory
 
 
 def phase_dir(shared: SharedContext, phase: str) -> Path:
     return Path(shared.study_dir) / "tune" / phase
 
 
-def objectives(cfg: StudyConfig) -> tuple[list[str], list[str]]:
-    objs = cfg.sweep.objectives if cfg.sweep else []
-    if not objs:
-        return [cfg.train.best_metric], [cfg.train.best_mode]
-    return [o.metric for o in objs], [o.mode for o in objs]
+def set_tune_output(verbose: bool) -> None:
+    """Tune's console output in this (driver) process: its status tables and INFO logs with
+    ``verbose``, else nothing but warnings (``ConsoleProgress`` prints one line per event).
+    Its new output engine prints an experiment table even when silent: the legacy one does
+    not (``RAY_AIR_NEW_OUTPUT`` is read when a Tuner runs)."""
+    import logging
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
+    logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _searcher(cfg: StudyConfig, base: dict[str, Any]):
@@ -48,21 +59,22 @@ def _searcher(cfg: StudyConfig, base: dict[str, Any]):
     )
 
 
-def _scheduler(cfg: StudyConfig):
-    if cfg.sweep is None or cfg.sweep.scheduler == "none":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
+def _scheduler(cfg: StudyConfig, path: Path, phase: str) -> DurableScheduler:
+    """ASHA in the search phase when asked (on training steps: a restored trial's Tune
+    iteration count restarts, its step does not), else FIFO; both kept durable."""
+    sched = scheduler_metric(cfg) if phase == "search" else None
+    inner = None
+    if sched is not None:
+        from ray.tune.schedulers import ASHAScheduler
 
-    metrics, modes = objectives(cfg)
-    metric, mode = metrics[0], modes[0]
-    if not metric.startswith(("val/", "train/")):
-        # ASHA compares intermediate results; only validation metrics exist mid-trial.
-        metric, mode = cfg.train.best_metric, cfg.train.best_mode
-    n_evals = max(1, cfg.train.max_steps // cfg.train.eval_every) + 1
-    return ASHAScheduler(
-        time_attr="training_iteration", metric=metric, mode=mode,
-        max_t=n_evals + 1, grace_period=min(cfg.sweep.grace_period, n_evals), reduction_factor=2,
-    )
+        tc = cfg.train
+        n_evals = -(-tc.max_steps // tc.eval_every)  # the last step always reports
+        inner = ASHAScheduler(
+            time_attr=TIME_ATTR, metric=sched[0], mode=sched[1],
+            max_t=tc.max_steps + 1,  # never reached: a trial that trains to the end evaluates
+            grace_period=min(cfg.sweep.grace_period, n_evals) * tc.eval_every,
+            reduction_factor=2)
+    return DurableScheduler(inner, path / SCHEDULER_STATE)
 
 
 def _trainable(cfg: StudyConfig, shared: SharedContext, res: TrialResources):
@@ -75,13 +87,15 @@ def _trainable(cfg: StudyConfig, shared: SharedContext, res: TrialResources):
 def _run_config(cfg: StudyConfig, shared: SharedContext, phase: str):
     from ray import tune
 
+    progress = ConsoleProgress(phase, objectives(cfg)[0],
+                               cfg.sweep.num_samples if cfg.sweep and phase == "search" else None)
     return tune.RunConfig(
         name=phase,
         storage_path=str(Path(shared.study_dir) / "tune"),
-        callbacks=[MlflowCloser(shared.lineage)],
+        callbacks=[MlflowCloser(shared.lineage), progress],
         failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        verbose=1,
+        verbose=1 if shared.verbose else 0,  # --verbose: Tune's status tables
     )
 
 
@@ -101,10 +115,11 @@ def build_tuner(
         search_alg, param_space, num_samples = None, {"point": tune.grid_search(points)}, 1
     else:
         search_alg, param_space, num_samples = _searcher(cfg, base), {}, cfg.sweep.num_samples
-    metrics, modes = objectives(cfg)
+    state = phase_dir(shared, phase) / SCHEDULER_STATE
+    state.unlink(missing_ok=True)  # a fresh phase starts with a fresh scheduler
     tune_config = tune.TuneConfig(
         search_alg=search_alg,
-        scheduler=_scheduler(cfg) if phase == "search" else None,
+        scheduler=_scheduler(cfg, phase_dir(shared, phase), phase),
         num_samples=num_samples,
         max_concurrent_trials=concurrency,
         # a trial actor is reused for the next trial: no process start, imports or numba
@@ -122,16 +137,22 @@ def restore_tuner(
     cfg: StudyConfig, shared: SharedContext, res: TrialResources, concurrency: int, phase: str,
     *, points: list[dict[str, Any]] | None = None,
 ):
-    """Restore an interrupted phase: finished trials stay, unfinished resume, errored restart."""
+    """Restore an interrupted phase: finished trials stay, unfinished ones resume under their
+    own ids; errored ones stay failed (restarting one gives it a new id the searcher never
+    suggested: two MLflow runs for one configuration)."""
     from ray import tune
 
     path = phase_dir(shared, phase)
     if not tune.Tuner.can_restore(str(path)):
         return build_tuner(cfg, shared, res, concurrency, phase, points=points)
-    return tune.Tuner.restore(
+    tuner = tune.Tuner.restore(
         str(path), trainable=_trainable(cfg, shared, res),
-        resume_unfinished=True, resume_errored=False, restart_errored=True,
+        resume_unfinished=True, resume_errored=False, restart_errored=False,
     )
+    local = getattr(tuner, "_local_tuner", None)  # the RunConfig comes back pickled:
+    if local is not None:  # --verbose applies to this run, not to the interrupted one
+        local.get_run_config().verbose = 1 if shared.verbose else 0
+    return tuner
 
 
 def seed_points(cfg: StudyConfig, shared: SharedContext) -> list[dict[str, Any]]:
@@ -142,7 +163,8 @@ def seed_points(cfg: StudyConfig, shared: SharedContext) -> list[dict[str, Any]]
     metrics, modes = objectives(cfg)
     metric, mode = metrics[0], modes[0]
     done = [r for r in table if r["status"] == "FINISHED" and metric in r["metrics"]]
-    done.sort(key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
+    sign = -1.0 if mode == "max" else 1.0  # ties by configuration: trial ids are random
+    done.sort(key=lambda r: (sign * r["metrics"][metric], r["config_id"], str(r["seed"])))
     k = cfg.sweep.seed_top_k if cfg.sweep else 1
     base_seed = cfg.train.seed
     points = []

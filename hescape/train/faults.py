@@ -75,3 +75,63 @@ def _inject(after: int, step: int, session: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ driver kills (resume tests)
+KILL_DRIVER_AT = "HESCAPE_FAULT_KILL_DRIVER_AT"
+DRIVER_PGID = "HESCAPE_FAULT_DRIVER_PGID"
+
+
+def arm_driver() -> None:
+    """Called by the study driver before Ray starts: with ``HESCAPE_FAULT_KILL_DRIVER_AT``
+    set, record the driver's process group for the trial processes (they inherit the
+    environment at ``ray.init``). The driver must lead its own process group (a test starts
+    it with ``start_new_session=True``), so the kill takes the driver and its local Ray down
+    and nothing else."""
+    if not os.environ.get(KILL_DRIVER_AT):
+        return
+    if os.getpgid(0) != os.getpid():
+        raise RuntimeError(f"{KILL_DRIVER_AT} is set but the driver does not lead its own "
+                           "process group: start it with setsid / start_new_session=True")
+    if not os.environ.get(MARKER):
+        raise RuntimeError(f"{KILL_DRIVER_AT} is set but {MARKER} is not: set both "
+                           "(the marker file makes the kill happen once)")
+    os.environ[DRIVER_PGID] = str(os.getpid())
+
+
+def maybe_kill_driver(point: str, *, step: int | None = None, phase: str | None = None) -> None:
+    """SIGKILL the study driver's process group once, at a named instant; a no-op unless
+    ``HESCAPE_FAULT_KILL_DRIVER_AT`` names it.
+
+    The value is ``<point>[:<step>][@<phase>]``: ``point`` one of ``precompute`` (driver,
+    after the first preprocessing variant), ``report`` (a trial, right after Tune accepted
+    its training report at a step >= ``step``), ``evaluating`` (a trial, evaluation computed,
+    nothing logged), ``evaluated`` (a trial, evaluation logged, run not closed) or
+    ``study_report`` (driver, every trial done, report not written); ``phase`` (``search`` /
+    ``seeds``) restricts trial points to one phase. ``HESCAPE_FAULT_MARKER`` makes it once.
+    """
+    spec = os.environ.get(KILL_DRIVER_AT)
+    if not spec or not _driver_point_matches(spec, point, step, phase):
+        return
+    marker = os.environ.get(MARKER)
+    pgid = os.environ.get(DRIVER_PGID)
+    if not marker or not pgid:
+        raise RuntimeError(f"{KILL_DRIVER_AT} needs {MARKER} and the driver's arm_driver()")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()} {point} {step if step is not None else ''}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.killpg(int(pgid), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)  # a trial process outside the driver's group dies too
+
+
+def _driver_point_matches(spec: str, point: str, step: int | None, phase: str | None) -> bool:
+    where, _, want_phase = spec.partition("@")
+    name, _, at = where.partition(":")
+    if name != point or (want_phase and want_phase != phase):
+        return False
+    return not at or (step is not None and step >= int(at))
