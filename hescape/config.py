@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -170,6 +170,14 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0, description="worker-failure restarts (Ray FailureConfig)")
 
+    @field_validator("best_metric")
+    @classmethod
+    def _best_on_validation(cls, metric: str) -> str:
+        problem = selection_metric_problem(metric)
+        if problem:
+            raise ValueError(problem)
+        return metric
+
 
 # --------------------------------------------------------------------------- eval
 class EvalConfig(Strict):
@@ -213,16 +221,36 @@ class SweepParam(Strict):
         return self
 
 
+def selection_metric_problem(metric: str) -> str | None:
+    """None when ``metric`` may select models (a ``val/`` or ``train/`` metric), else why not.
+    Test donors are read once, by each trial's final evaluation: never to select."""
+    if metric.startswith("test/"):
+        return (f"{metric!r} selects on the test donors; use the validation metric "
+                f"'val/{metric[5:]}' (test metrics are only read by the final evaluation)")
+    if not metric.startswith(("val/", "train/")):
+        return (f"{metric!r} is not a metric reported during training; use a "
+                "validation metric such as 'val/r5_img2gene'")
+    return None
+
+
 class Objective(Strict):
     metric: str
     mode: Literal["max", "min"] = "max"
+
+    @field_validator("metric")
+    @classmethod
+    def _selects_on_validation(cls, metric: str) -> str:
+        problem = selection_metric_problem(metric)
+        if problem:
+            raise ValueError(problem)
+        return metric
 
 
 class SweepConfig(Strict):
     searcher: Literal["tpe", "random", "grid"] = "tpe"
     scheduler: Literal["asha", "none"] = "asha"
     num_samples: int = Field(8, ge=1, description="trials (tpe/random); ignored by grid")
-    objectives: list[Objective] = [Objective(metric="test/r5_img2gene", mode="max")]
+    objectives: list[Objective] = [Objective(metric="val/r5_img2gene", mode="max")]
     params: dict[str, SweepParam] = {}
     seeds: int = Field(1, ge=1, description="repeat each configuration over n seeds")
     seed_top_k: int = Field(3, ge=1, description="tpe/random: re-run the top-k configs over seeds")

@@ -15,6 +15,7 @@ from typing import Any
 
 from hescape.config import StudyConfig
 from hescape.study.space import enumerate_sections
+from hescape.train.faults import maybe_kill_driver
 
 
 def storage_root(cfg: StudyConfig) -> Path:
@@ -47,6 +48,7 @@ def precompute(cfg: StudyConfig, paired: Any, *, progress: bool = True) -> dict[
     out: dict[str, Any] = {"variants": [], "features": []}
     variants = enumerate_sections(cfg.sweep, base, "preprocess.expression")
     for section in variants or []:
+        maybe_kill_driver("precompute", step=len(out["variants"]))  # tests only
         vcfg = StudyConfig.model_validate({**base, "preprocess": {**base["preprocess"],
                                                                   "expression": section}})
         prepared = prepare(paired, vcfg.preprocess.expression, batch_key=cfg.data.batch_key,
