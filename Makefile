@@ -35,8 +35,18 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python benchmarks/run.py --smoke
 
+# The MLflow UI over a study store: one uvicorn worker, no job runner / huey consumers (MLflow's
+# GenAI jobs), artifacts read from where each experiment keeps them. Ctrl-C stops all of it.
+MLFLOW_STORAGE ?= runs
+MLFLOW_PORT    ?= 5000
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db --host 127.0.0.1 --port 5000
+	@mkdir -p $(MLFLOW_STORAGE)
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)  (sidebar switch: Model training; Ctrl-C stops it)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(BIN)/mlflow server --workers 1 \
+	  --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORAGE))/mlflow.db \
+	  --no-serve-artifacts --default-artifact-root $(abspath $(MLFLOW_STORAGE))/mlartifacts/_ui
 
+# runs/ holds every study, its MLflow store and artifacts; ./mlruns, ./mlartifacts: older layouts
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs mlruns mlartifacts .pytest_cache
