@@ -214,7 +214,7 @@ def _design(level: Sequence[Trial], ref: Sequence[Trial], paired: bool) -> str:
     if paired:
         blocks = _matched_blocks(level, ref)
         left = sum(t.block not in blocks for t in (*level, *ref))
-        return (f"paired: {len(blocks)} blocks matched on seed and the other factors"
+        return (f"paired: {len(blocks)} block(s) matched on seed and the other factors"
                 + (f"; {left} unmatched trial(s) left out" if left else ""))
     n_l, n_r = len(_groups(level, "config")), len(_groups(ref, "config"))
     text = f"unpaired: {n_l} vs {n_r} configuration(s), marginal over the other factors"

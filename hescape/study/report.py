@@ -143,8 +143,9 @@ def _leaderboards(doc: Document, rows: Rows, strata, metric: str, mode: str, key
     for proto, group in strata.items():
         _protocol_heading(doc, "Leaderboard", proto, strata)
         board = leaderboard(list(group), metric, mode, keys)
-        doc.para(f"Sorted by the selection objective `{metric}` ({mode}). A blank mutation "
-                 "AUROC means the probe was underpowered (see the mutation section).")
+        blank = (" A blank mutation AUROC means the probe was underpowered (see the mutation "
+                 "section).") if any("mutation_auroc" in c for c in board.columns) else ""
+        doc.para(f"Sorted by the selection objective `{metric}` ({mode}).{blank}")
         doc.table(board.drop(columns="protocol").head(30))
         boards.append(board)
     return pd.concat(boards, ignore_index=True) if boards else pd.DataFrame()
@@ -259,17 +260,23 @@ def _variants(doc: Document, shared_work: dict | None) -> None:
     for v in variants:
         info = v.get("info") or {}
         rec = {"variant": v["method"], "protocol": notes.protocol_of(v),
-               "measured_on": _join(v.get("measured_on")), "n_batches": v.get("n_batches", ""),
-               "fit": _fit_status(info)}
+               "measured_on": _measured_on(v.get("measured_on")),
+               "n_batches": v.get("n_batches", ""), "fit": _fit_status(info)}
         rec.update({k.split("/")[-1]: x for k, x in (v.get("metrics") or {}).items()
-                    if isinstance(x, (int, float)) and not isinstance(x, bool)})
+                    if isinstance(x, (int, float)) and not isinstance(x, bool)
+                    and k.split("/")[-1] not in ("subsample_seed", "n_batches")})
         recs.append(rec)
     doc.para("Mixing and biology figures of each variant's output before any training, on "
              "the donors in `measured_on`, with the number of batches they mix.")
     doc.table(pd.DataFrame(recs))
 
 
-def _join(value: Any) -> str:
+def _measured_on(value: Any) -> str:
+    """``{"part": "test", "donors": [...], "n_rows": 60}`` (or a donor list) -> text."""
+    if isinstance(value, dict):
+        donors = ", ".join(map(str, value.get("donors", [])))
+        rows = f", {value['n_rows']} rows" if "n_rows" in value else ""
+        return f"{value.get('part', '?')}: {donors}{rows}"
     if isinstance(value, (list, tuple)):
         return ", ".join(map(str, value))
     return "" if value is None else str(value)

@@ -261,9 +261,9 @@ def underpowered_sentence(rows: Sequence[dict[str, Any]], cfg: StudyConfig) -> s
     counts = [v for r in rows for k, v in r["metrics"].items()
               if k.startswith("test/") and k.endswith("/mutation_n_donors_min_class")]
     need = getattr(cfg.eval, "mutation_min_donors_per_class", None)
-    have = f"{int(min(counts))}" if counts else "too few"
+    have = f"{int(min(counts))} donor(s)" if counts else "too few donors"
     needs = f">= {need}" if need is not None else "more"
-    return (f"underpowered: {have} donors per class (needs {needs}, and >= 2 per class in "
+    return (f"underpowered: {have} per class (needs {needs}, and >= 2 per class in "
             "every training fold); no AUROC, and no comparison with the baselines or with "
             "HESCAPE's claim, is reported.")
 

@@ -113,8 +113,9 @@ def baseline_comparison(rows: list[dict[str, Any]],
     if not recs:
         return pd.DataFrame()
     long = pd.DataFrame(recs)
-    if long["features"].isin(["img", "gene", "joint"]).sum() == 0 or long["features"].nunique() < 2:
-        return pd.DataFrame()
+    feats = set(long["features"])
+    if not feats & {"img", "gene", "joint"} or not any(f.startswith("baseline_") for f in feats):
+        return pd.DataFrame()  # a comparison needs both sides
     g = long.groupby(["task", "features"], sort=False)["value"]
     cell = (g.agg(["mean", "std", "count"]).apply(lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
             if s["count"] > 1 else f"{s['mean']:.3f}", axis=1))

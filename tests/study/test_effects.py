@@ -71,7 +71,7 @@ def test_pairing_by_seed_narrows_the_ci_when_seed_effects_are_shared():
     vals, wts = donor_matrix(tables, METRIC)
     paired = compare(trials["b"], trials["a"], vals, wts, BootstrapSettings())
     unpaired = compare(trials["b"], trials["a"], vals, wts, BootstrapSettings(pairing="none"))
-    assert paired.design.startswith("paired: 5 blocks")
+    assert paired.design.startswith("paired: 5 block(s)")
     assert unpaired.design.startswith("unpaired") and "seeds resampled" in unpaired.design
     assert paired.delta == pytest.approx(unpaired.delta)
     assert (paired.high - paired.low) < 0.5 * (unpaired.high - unpaired.low)
@@ -125,7 +125,7 @@ def test_factor_effects_on_a_grid_match_the_other_factor_and_use_the_base_refere
     assert method.loc["harmony", "delta"] == pytest.approx(0.05, abs=0.01)
     assert method.loc["harmony", "verdict"] == "higher than reference"
     assert method.loc["combat", "verdict"] == NOT_DISTINGUISHABLE
-    assert method.loc["harmony", "design"].startswith("paired: 6 blocks")
+    assert method.loc["harmony", "design"].startswith("paired: 6 block(s)")
     assert method.loc["harmony", "trials"] == "6 vs 6"
     enc = out[out["factor"] == "enc"].iloc[0]
     assert (enc["level"], enc["reference"]) == ("transformer", "mlp")

@@ -115,6 +115,9 @@ def test_baseline_comparison_aggregates_finished_trials():
     assert table.loc["mutation AUROC", "contrastive img"] == "0.812 ± 0.000"
     assert baseline_comparison([_row(0, {}, {"test/img/label_balanced_accuracy": 0.5})],
                                TASKS).empty
+    no_baseline = {k: v for k, v in _probe_metrics(0.6, underpowered=False).items()
+                   if "/baseline_" not in k}
+    assert baseline_comparison([_row(0, {}, no_baseline)], TASKS).empty  # nothing to compare
 
 
 def test_baseline_comparison_drops_underpowered_mutation_rows():
@@ -212,7 +215,7 @@ def test_underpowered_mutation_probe_drops_the_claim(tmp_path):
             for i, n in enumerate(["clip", "siglip"])]
     md = build_report(cfg, rows, out=tmp_path)[0].markdown()
     need = getattr(cfg.eval, "mutation_min_donors_per_class", None)
-    assert f"underpowered: 3 donors per class (needs >= {need}" in md
+    assert f"underpowered: 3 donor(s) per class (needs >= {need}" in md
     assert "HESCAPE reported" not in md and "| mutation AUROC" not in md
     mutation = _section(md, "## Mutation probe")
     assert "The encoder trained on donors d0, d1, d2" in mutation
@@ -239,7 +242,8 @@ def test_scvi_epoch_cap_and_harmony_warnings(tmp_path):
          "info": {"epochs_run": 60, "max_epochs": 60, "early_stopped": False,
                   "stopped_on_cap": True}},
         {"method": "scvi", "saw_heldout": False, "cache_key": "def456", "n_batches": 3,
-         "measured_on": ["d4", "d5"], "metrics": {"pre/ilisi": 0.5},
+         "measured_on": {"part": "test", "donors": ["d4", "d5"], "n_rows": 60},
+         "metrics": {"pre/ilisi": 0.5},
          "info": {"epochs_run": 140, "max_epochs": 400, "early_stopped": True,
                   "stopped_on_cap": False}}]}
     md = build_report(cfg, rows, out=tmp_path, shared_work=work, per_donor=per_donor)[0].markdown()
@@ -249,7 +253,7 @@ def test_scvi_epoch_cap_and_harmony_warnings(tmp_path):
     assert any("`t2`" in w and "did not converge" in w for w in warnings)
     variants = _section(md, "## Preprocessing variants before training")
     assert "stopped on cap (60/60 ep)" in variants and "early-stopped (140 ep)" in variants
-    assert "n_batches" in variants and "d4, d5" in variants
+    assert "n_batches" in variants and "test: d4, d5, 60 rows" in variants
     rows[3]["metrics"]["test/gene/knn_capped"] = 1.0
     capped = build_report(cfg, rows, out=tmp_path, per_donor=per_donor)[0].markdown()
     assert "Trials `t3`: mixing figures measured on fewer than 91 rows" in capped
