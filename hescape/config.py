@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hescape.preprocess.spec import expression_model
+
 
 class ConfigError(ValueError):
     """A configuration problem, with the file and key it comes from."""
@@ -67,24 +69,9 @@ class DataConfig(Strict):
 
 
 # --------------------------------------------------------------------- preprocess
-class ScviOptions(Strict):
-    n_latent: int = Field(10, ge=2)
-    n_layers: int = Field(1, ge=1)
-    n_hidden: int = Field(128, ge=8)
-    max_epochs: int = Field(60, ge=1)
-    output: Literal["latent", "normalized"] = "latent"
-    mode: Literal["inductive", "transductive"] = "inductive"
-    allow_non_integer: bool = False
-
-
-class ExpressionPreprocess(Strict):
-    method: Literal["none", "pca", "harmony", "scvi", "combat"] = "none"
-    n_top_genes: Optional[int] = Field(None, ge=2)
-    n_pcs: int = Field(30, ge=2)
-    theta: float = Field(2.0, ge=0.0)
-    sigma: float = Field(0.1, gt=0.0)
-    harmony_mode: Literal["transductive", "inductive"] = "transductive"
-    scvi: ScviOptions = ScviOptions()
+# method, n_top_genes and one section per registered method (its own options model, e.g.
+# ``scvi:``, ``harmony:``), generated from hescape.preprocess.spec (light: no torch/scanpy)
+ExpressionPreprocess = expression_model()
 
 
 class ImagePreprocess(Strict):
@@ -396,6 +383,14 @@ def check_names(cfg: StudyConfig, source: str = "<config>") -> None:
                 problems.append(f"  - {key}: {msg}")
     if problems:
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems))
+    swept = cfg.sweep.params if cfg.sweep is not None else {}
+    if not any(k.startswith(("preprocess.expression.", "model.gene.")) for k in swept):
+        # (swept pairs are checked per point by hescape.study.space: skipped in a grid)
+        from hescape.models import gene_input_problem
+
+        msg = gene_input_problem(cfg.model.gene, cfg.preprocess.expression.model_dump())
+        if msg:
+            raise ConfigError(f"{source}: invalid configuration\n  - model.gene.name: {msg}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:

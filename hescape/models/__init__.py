@@ -12,6 +12,7 @@ from hescape.models.adversary import (
 from hescape.models.gene import (
     GENE_ENCODERS,
     create_gene_encoder,
+    gene_input_problem,
     load_gene_encoder,
     save_gene_encoder,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "create_gene_encoder",
     "create_image_encoder",
     "donor_loss",
+    "gene_input_problem",
     "grad_reverse",
     "image_presets",
     "list_gene_encoders",

@@ -1,18 +1,27 @@
-"""Gene encoders (registry). Each returns an ``nn.Module`` with ``out_dim``.
+"""Gene encoders (registry of specs). Each builds an ``nn.Module`` with ``out_dim``.
 
-* ``mlp``          MLP on normalised (log1p) expression.
+* ``mlp``          MLP on the preprocessed input (expression or features).
 * ``transformer``  one token per gene: gene-identity embedding + binned value embedding,
                    a small TransformerEncoder, CLS pooling. Attention is O(G^2) per spot, so
                    panels are limited to ``max_genes`` (default 2048) genes; select HVGs with
                    ``preprocess.expression.n_top_genes`` or raise ``model.gene.max_genes``.
+                   Accepts only non-negative expression with gene columns: negative input
+                   raises (it is never clamped into bin 0).
 * ``latent_mlp``   tower over preprocessed inputs of any width (PCA/Harmony PCs, scVI latent):
                    input LayerNorm (PC scales differ by orders of magnitude) + residual MLP.
 * ``frozen_pretrained``  a gene encoder saved with :func:`save_gene_encoder`, loaded with
                    ``torch.load(weights_only=True)`` from ``model.gene.checkpoint`` and frozen.
+
+Each spec declares the preprocessing output kinds it ``accepts`` ("expression": non-negative
+log expression with gene columns; "features": any real values, see
+``hescape.preprocess.spec.KINDS``); :func:`gene_input_problem` refuses other pairs at config
+validation, and a study's grid skips them (``hescape.study.space``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +31,29 @@ from torch import Tensor, nn
 from hescape.config import GeneEncoderConfig
 from hescape.registry import Registry
 
-GENE_ENCODERS: Registry[nn.Module] = Registry("gene encoder")
+BOTH = frozenset({"expression", "features"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneEncoderSpec:
+    """A gene encoder: how to build it and which preprocessing output kinds it accepts."""
+
+    build: Callable[[GeneEncoderConfig, int, list[str] | None], nn.Module]
+    accepts: frozenset[str]
+    summary: str
+
+
+GENE_ENCODERS: Registry[GeneEncoderSpec] = Registry("gene encoder")
+
+
+def _register(name: str, **fields: Any) -> None:
+    spec = GeneEncoderSpec(**fields)
+    GENE_ENCODERS.register(name)(lambda: spec)
+
+
+def gene_encoder_spec(name: str) -> GeneEncoderSpec:
+    """The spec registered as ``name`` (KeyError with close matches if unknown)."""
+    return GENE_ENCODERS.create(name)
 
 
 def _block(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -122,8 +153,18 @@ class GeneTransformer(nn.Module):
         self.out_dim = hidden_dim
 
     def bin_values(self, x: Tensor) -> Tensor:
-        """Per-spot binning of non-negative expression into ``n_bins`` integer bins."""
-        x = x.clamp_min(0)
+        """Per-spot binning of non-negative expression into ``n_bins`` integer bins.
+
+        Negative input raises: it is not expression (signed PCs, latents, corrected values
+        belong to ``mlp``/``latent_mlp``), and clamping would turn it into bin 0 silently.
+        """
+        if bool((x < 0).any()):
+            raise ValueError(
+                f"gene encoder 'transformer' bins non-negative expression but got negative "
+                f"values (min {float(x.min()):.3g}): the preprocessing output is signed "
+                "features; use model.gene.name mlp or latent_mlp, or preprocess.expression."
+                "method none"
+            )
         scale = x.amax(dim=1, keepdim=True).clamp_min(1e-8)
         bins = 1 + torch.floor((x / scale) * (self.n_bins - 2) + 1e-6).long()
         return torch.where(x > 0, bins.clamp(1, self.n_bins - 1), torch.zeros_like(bins))
@@ -135,17 +176,14 @@ class GeneTransformer(nn.Module):
         return h[:, 0] if self.pooling == "cls" else h[:, 1:].mean(dim=1)
 
 
-@GENE_ENCODERS.register("mlp")
 def _mlp(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] | None) -> nn.Module:
     return MLPEncoder(in_dim, cfg.hidden_dim, cfg.n_layers, cfg.dropout)
 
 
-@GENE_ENCODERS.register("latent_mlp")
 def _latent(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] | None) -> nn.Module:
     return LatentMLPEncoder(in_dim, cfg.hidden_dim, cfg.n_layers, cfg.dropout)
 
 
-@GENE_ENCODERS.register("transformer")
 def _transformer(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] | None) -> nn.Module:
     return GeneTransformer(
         in_dim,
@@ -158,9 +196,37 @@ def _transformer(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] |
     )
 
 
-@GENE_ENCODERS.register("frozen_pretrained")
 def _frozen(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] | None) -> nn.Module:
     return load_gene_encoder(cfg.checkpoint, in_dim, feature_names=feature_names)
+
+
+_register("mlp", build=_mlp, accepts=BOTH, summary="MLP")
+_register("latent_mlp", build=_latent, accepts=BOTH,
+          summary="input LayerNorm + residual MLP (PCs, latents)")
+_register("transformer", build=_transformer, accepts=frozenset({"expression"}),
+          summary="gene tokens with binned non-negative expression values")
+# what a saved encoder accepts is its own (checked when it runs: the inner encoder's guard)
+_register("frozen_pretrained", build=_frozen, accepts=BOTH,
+          summary="a saved gene encoder, frozen")
+
+
+def gene_input_problem(gene: GeneEncoderConfig, expression: Mapping[str, Any]) -> str | None:
+    """Why encoder ``gene.name`` cannot take the output of the ``preprocess.expression``
+    section ``expression`` (a plain dict), or None when it can."""
+    from hescape.preprocess.spec import KINDS, method_names, section_facts
+
+    kind, _ = section_facts(expression)
+    spec = gene_encoder_spec(gene.name)
+    if kind in spec.accepts:
+        return None
+    method = expression.get("method", "none")
+    encoders = [n for n in GENE_ENCODERS.names() if kind in gene_encoder_spec(n).accepts]
+    producers = [m for m in method_names() if section_facts({"method": m})[0] in spec.accepts]
+    takes = " or ".join(KINDS[k] for k in sorted(spec.accepts))
+    return (f"model.gene.name={gene.name!r} takes {takes}, but preprocess.expression.method="
+            f"{method!r} outputs {KINDS[kind]}; use model.gene.name {' / '.join(encoders)}, or "
+            f"a preprocessing method whose output it takes ({', '.join(producers)} with "
+            "default options)")
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -180,7 +246,7 @@ def create_gene_encoder(
         raise ValueError(f"gene encoder {cfg.name!r}: input width must be >= 1, got {in_dim}")
     if feature_names is not None and len(feature_names) != in_dim:
         raise ValueError(f"{len(feature_names)} feature names for {in_dim} input columns")
-    encoder = GENE_ENCODERS.create(cfg.name, cfg, in_dim, feature_names)
+    encoder = gene_encoder_spec(cfg.name).build(cfg, in_dim, feature_names)
     if cfg.frozen or cfg.name == "frozen_pretrained":
         _freeze(encoder)
     return encoder
@@ -248,6 +314,6 @@ def load_gene_encoder(
             f"{path}: feature names differ from the saved encoder's (first differences: {diff})"
         )
     cfg = GeneEncoderConfig.model_validate(payload["config"])
-    encoder = GENE_ENCODERS.create(cfg.name, cfg, in_dim, feature_names)
+    encoder = gene_encoder_spec(cfg.name).build(cfg, in_dim, feature_names)
     encoder.load_state_dict(payload["state_dict"], strict=True)
     return encoder

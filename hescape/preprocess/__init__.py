@@ -1,21 +1,33 @@
-"""Expression normalisation + batch correction variants, stain normalisation, and the cache."""
+"""Expression preprocessing methods (registry of specs), stain normalisation, and the cache.
 
-from hescape.preprocess.cache import prepare, variant_key
-from hescape.preprocess.expression import (
-    PreparedExpression,
-    apply_expression_variant,
-    normalize_log1p,
-)
-from hescape.preprocess.measure import measure_variant
-from hescape.preprocess.stain import MacenkoNormalizer, hed_jitter
+Exports load lazily (PEP 562): ``hescape.config`` imports ``hescape.preprocess.spec`` to
+build the ``preprocess.expression`` schema, which must not pull in scipy-heavy modules,
+scikit-learn, scvi-tools or torch.
+"""
 
-__all__ = [
-    "MacenkoNormalizer",
-    "PreparedExpression",
-    "apply_expression_variant",
-    "hed_jitter",
-    "measure_variant",
-    "normalize_log1p",
-    "prepare",
-    "variant_key",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MacenkoNormalizer": "stain",
+    "MethodSpec": "spec",
+    "PreparedExpression": "expression",
+    "apply_expression_variant": "expression",
+    "get_method": "spec",
+    "hed_jitter": "stain",
+    "measure_variant": "measure",
+    "method_names": "spec",
+    "normalize_log1p": "expression",
+    "prepare": "cache",
+    "variant_key": "cache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hescape.preprocess' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"hescape.preprocess.{_EXPORTS[name]}"), name)

@@ -14,27 +14,27 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hescape.config import ExpressionPreprocess
 from hescape.preprocess.expression import PreparedExpression, apply_expression_variant
+from hescape.preprocess.spec import get_method, options_of
 
-CACHE_VERSION = 1
-OPTION_KEYS = {
-    "none": ("n_top_genes",),
-    "pca": ("n_top_genes", "n_pcs"),
-    "harmony": ("n_top_genes", "n_pcs", "theta", "sigma", "harmony_mode"),
-    "scvi": ("n_top_genes", "scvi"),
-    "combat": ("n_top_genes",),
-}
+if TYPE_CHECKING:
+    from hescape.config import ExpressionPreprocess
+
+CACHE_VERSION = 2
 
 
 def variant_options(cfg: ExpressionPreprocess) -> dict[str, Any]:
-    """The options that change ``cfg.method``'s output (others do not split the cache)."""
-    data = cfg.model_dump()
-    return {"method": cfg.method, **{k: data[k] for k in OPTION_KEYS[cfg.method]}}
+    """What determines ``cfg.method``'s output: the method, its spec version, the gene
+    selection and the method's own options section (other methods' sections do not split
+    the cache). Derived from the method's options model: no key list to keep in sync."""
+    spec = get_method(cfg.method)
+    opts = options_of(cfg)
+    return {"method": spec.name, "version": spec.version, "n_top_genes": cfg.n_top_genes,
+            "options": None if opts is None else opts.model_dump(mode="json")}
 
 
 def variant_key(fingerprint: str, cfg: ExpressionPreprocess, split: dict[str, list[str]], *,
@@ -99,8 +99,9 @@ def _jsonable(value: Any) -> Any:
 def save_entry(base: Path, prepared: PreparedExpression) -> None:
     """Write ``base``.npz then ``base``.json, each atomically."""
     meta = {"feature_names": list(prepared.feature_names), "saw_heldout": prepared.saw_heldout,
-            "method": prepared.method, "info": prepared.info, "cache_key": prepared.cache_key,
-            "shape": list(prepared.X.shape), "version": CACHE_VERSION}
+            "method": prepared.method, "kind": prepared.kind, "info": prepared.info,
+            "cache_key": prepared.cache_key, "shape": list(prepared.X.shape),
+            "version": CACHE_VERSION}
     _atomic_write(base.with_suffix(".npz"), lambda fh: np.savez(fh, X=prepared.X))
     text = json.dumps(meta, indent=1, default=_jsonable).encode()
     _atomic_write(base.with_suffix(".json"), lambda fh: fh.write(text))
@@ -121,4 +122,4 @@ def load_entry(base: Path) -> PreparedExpression | None:
         return None
     return PreparedExpression(X=x, feature_names=meta["feature_names"],
                               saw_heldout=bool(meta["saw_heldout"]), method=meta["method"],
-                              info=meta["info"], cache_key=meta["cache_key"])
+                              info=meta["info"], cache_key=meta["cache_key"], kind=meta["kind"])

@@ -1,33 +1,38 @@
-"""Expression preprocessing variants: normalise, then optionally correct for batch.
+"""Expression preprocessing: normalise, then optionally correct for batch.
 
 ``apply_expression_variant(adata, cfg, batch_key=..., train_mask=...)`` is the one entry
-point; each method lives in its own module and registers itself in ``VARIANTS``. All input
-checks run before any fitting, so a bad key or bad counts fail in milliseconds.
+point. It looks the method up in the registry (``hescape.preprocess.spec``), runs every
+check the spec declares before any fitting (so a bad key or bad counts fail in
+milliseconds), calls the method's ``run(MethodInput, options) -> MethodOutput`` and
+assembles the ``PreparedExpression``: kind (declared by the spec, and verified),
+``saw_heldout`` and the common ``info``.
 
-``saw_heldout`` is True when the fitted transform may have seen rows outside ``train_mask``
-(transductive ComBat/Harmony/scVI, or any fitted variant called without a mask, which we
-cannot audit); ``none`` fits nothing and is never flagged.
+``saw_heldout`` is True when the fitted transform may have seen rows outside
+``train_mask``: a transductive method with held-out rows present, or any fitting method
+called without a mask (which we cannot audit).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from anndata import AnnData
 from scipy import sparse
 
-from hescape.config import ExpressionPreprocess
-from hescape.registry import Registry
+from hescape.preprocess.spec import get_method, options_of
 
-VARIANTS: Registry[PreparedExpression] = Registry("expression preprocessing method")
-BATCH_METHODS = ("harmony", "scvi", "combat")
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 
 @dataclass
 class PreparedExpression:
-    """Preprocessed expression, rows in obs order, plus what was done to produce it."""
+    """Preprocessed expression, rows in obs order, plus what was done to produce it.
+
+    ``kind``: "expression" (non-negative log expression, columns are genes) or "features"
+    (real-valued, possibly signed: PCs, corrected values, latents).
+    """
 
     X: np.ndarray
     feature_names: list[str]
@@ -35,6 +40,38 @@ class PreparedExpression:
     method: str
     info: dict[str, Any] = field(default_factory=dict)
     cache_key: str = ""
+    kind: str = "expression"
+
+
+@dataclass(frozen=True)
+class MethodInput:
+    """What a method's ``run`` receives (checks done): raw counts, batches, training rows."""
+
+    adata: AnnData
+    batches: np.ndarray  # str per row
+    train_mask: np.ndarray  # bool per row
+    n_top_genes: int | None
+    progress: bool = False
+
+    def log_expression(self) -> np.ndarray:
+        """Library-size normalised log1p expression of every row (float32 N x G)."""
+        return normalize_log1p(self.adata)
+
+    def genes(self, x_log: np.ndarray) -> np.ndarray:
+        """Indices of the genes to keep (``n_top_genes`` most variable on training rows)."""
+        return select_genes(x_log, self.n_top_genes, self.train_mask)
+
+    def gene_names(self, genes: np.ndarray) -> list[str]:
+        return [str(g) for g in self.adata.var_names[genes]]
+
+
+@dataclass
+class MethodOutput:
+    """A method's result: the matrix (N x D, obs order), its column names, what it did."""
+
+    X: np.ndarray
+    feature_names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------ normalise
@@ -109,63 +146,64 @@ def check_train_mask(train_mask: np.ndarray | None, n_obs: int) -> np.ndarray:
     return mask
 
 
-def check_integer_counts(adata: AnnData) -> None:
-    """Raise unless ``adata.X`` holds whole numbers (scVI models counts)."""
-    x = adata.X
-    data = x.data if sparse.issparse(x) else np.asarray(x)
-    bad = data != np.round(data)
-    if np.any(bad):
-        example = data[bad].ravel()[0]
-        raise ValueError(f"scVI needs raw integer counts, but adata.X holds non-integers (e.g. "
-                         f"{example!r}); pass the raw counts, or set "
-                         "preprocess.expression.scvi.allow_non_integer: true to proceed anyway")
+def _check_batches(adata: AnnData, batch_key: str, batches: np.ndarray, mask: np.ndarray,
+                   method: str) -> None:
+    """A batch-correcting method needs >= 2 batches with >= 2 spots among training rows."""
+    check_batch_key(adata, batch_key, need_batches=True)
+    check_batch_key(adata[mask], batch_key, need_batches=True)
+    n_train = len(np.unique(batches[mask]))
+    if n_train < 2:
+        raise ValueError(f"preprocess.expression.method={method!r} corrects for batch but the "
+                         f"training rows hold {n_train} batch of obs[{batch_key!r}]; use "
+                         "method none/pca, or a batch key with >= 2 training batches")
 
 
 # ----------------------------------------------------------------------- entry point
 def apply_expression_variant(
     adata: AnnData,
-    cfg: ExpressionPreprocess,
+    cfg: Any,
     *,
     batch_key: str,
     train_mask: np.ndarray | None = None,
     progress: bool = True,
 ) -> PreparedExpression:
-    """Run the preprocessing ``cfg.method`` on raw counts in ``adata.X``.
+    """Run the preprocessing ``cfg.method`` (an ``ExpressionPreprocess``) on raw counts.
 
-    ``train_mask`` marks training rows: inductive fits (PCA, inductive Harmony/scVI) use
-    only them and map the others; ``None`` means every row is a training row.
+    ``train_mask`` marks training rows: inductive fits use only them and map the others;
+    ``None`` means every row is a training row.
     """
-    _load_variants()
-    if cfg.method not in VARIANTS:
-        raise ValueError(VARIANTS.unknown_message(cfg.method))
-    batches = check_batch_key(adata, batch_key, need_batches=cfg.method in BATCH_METHODS)
+    spec = get_method(cfg.method)
+    opts = options_of(cfg)
+    batches = check_batch_key(adata, batch_key, need_batches=False)
     mask = check_train_mask(train_mask, adata.n_obs)
-    if cfg.method in BATCH_METHODS:
-        check_batch_key(adata[mask], batch_key, need_batches=True)
-    if cfg.method == "scvi" and not cfg.scvi.allow_non_integer:
-        check_integer_counts(adata)
+    if spec.needs_batches:
+        _check_batches(adata, batch_key, batches, mask, spec.name)
+    if spec.check_input is not None:
+        spec.check_input(adata, opts)
     counts_matrix(adata)  # finite, non-negative
-    out = VARIANTS.create(cfg.method, adata, cfg, batches=batches, train_mask=mask,
-                          progress=progress)
-    out.info.setdefault("n_train_rows", int(mask.sum()))
-    out.info.setdefault("batch_key", batch_key)
-    out.info.setdefault("train_mask_given", train_mask is not None)
-    if train_mask is None and cfg.method != "none":
-        out.saw_heldout = True  # cannot audit: the caller did not say which rows are held out
-    return out
+    inp = MethodInput(adata=adata, batches=batches, train_mask=mask,
+                      n_top_genes=cfg.n_top_genes, progress=progress)
+    out = spec.run(inp, opts)
+    kind, protocol = spec.kind(opts), spec.protocol(opts)
+    _check_output(spec.name, kind, out, adata.n_obs)
+    saw = (protocol == "transductive" and not bool(mask.all())) or \
+        (train_mask is None and spec.fits)  # no mask: cannot audit, so flagged
+    info = {**out.info, "protocol": protocol, "n_train_rows": int(mask.sum()),
+            "n_batches_train": int(len(np.unique(batches[mask]))), "batch_key": batch_key,
+            "train_mask_given": train_mask is not None}
+    return PreparedExpression(X=np.ascontiguousarray(out.X, dtype=np.float32),
+                              feature_names=list(out.feature_names), saw_heldout=bool(saw),
+                              method=spec.name, info=info, kind=kind)
 
 
-def _load_variants() -> None:
-    """Import the method modules (each registers itself)."""
-    from hescape.preprocess import combat, harmony, pca, scvi_model  # noqa: F401
-
-
-@VARIANTS.register("none")
-def _none(adata: AnnData, cfg: ExpressionPreprocess, *, batches: np.ndarray,
-          train_mask: np.ndarray, progress: bool) -> PreparedExpression:
-    x = normalize_log1p(adata)
-    genes = select_genes(x, cfg.n_top_genes, train_mask)
-    return PreparedExpression(X=np.ascontiguousarray(x[:, genes]),
-                              feature_names=[str(g) for g in adata.var_names[genes]],
-                              saw_heldout=False, method="none",
-                              info={"n_genes": int(len(genes))})
+def _check_output(method: str, kind: str, out: MethodOutput, n_obs: int) -> None:
+    """The output has one row per obs, finite values, names per column, the declared kind."""
+    x = out.X
+    if x.ndim != 2 or x.shape[0] != n_obs or len(out.feature_names) != x.shape[1]:
+        raise RuntimeError(f"method {method!r} returned shape {x.shape} with "
+                           f"{len(out.feature_names)} names for {n_obs} rows")
+    if not np.isfinite(x).all():
+        raise RuntimeError(f"method {method!r} produced NaN or inf values")
+    if kind == "expression" and (x < 0).any():
+        raise RuntimeError(f"method {method!r} declares 'expression' output but produced "
+                           f"negative values (min {float(x.min()):.3g}); declare 'features'")

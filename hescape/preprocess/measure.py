@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from anndata import AnnData
 
-from hescape.evaluate.mixing import mixing_metrics
 from hescape.preprocess.expression import PreparedExpression, check_batch_key
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 MEASURE_DIMS = 50  # wider outputs (genes) are measured on their top PCs, as scib does
 
@@ -29,7 +31,10 @@ def measure_variant(
     Rows with a missing label or one in ``ignore_labels`` (e.g. "NA", "unassigned") are left
     out; ``rows`` restricts to a subset (e.g. held-out donors). Outputs wider than 50
     features are reduced to 50 PCs first, so genes and latents are compared alike.
+    ``pre/n_batches`` is the number of batches among the measured rows.
     """
+    from hescape.evaluate.mixing import mixing_metrics
+
     batches = check_batch_key(adata, batch_key, need_batches=False)
     keep = np.ones(adata.n_obs, dtype=bool) if rows is None else np.zeros(adata.n_obs, bool)
     if rows is not None:
@@ -49,4 +54,5 @@ def measure_variant(
         x = PCA(n_components=MEASURE_DIMS, random_state=seed).fit_transform(x)
     metrics = mixing_metrics(x, batches[keep], labels, subsample=subsample, seed=seed)
     metrics["dims"] = float(x.shape[1])
+    metrics.setdefault("n_batches", float(len(np.unique(batches[keep]))))
     return {f"pre/{k}": float(v) for k, v in metrics.items()}

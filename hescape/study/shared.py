@@ -2,7 +2,10 @@
 
 - the dataset: simulated into ``<storage>/data/sim-<hash>`` when ``data.path`` is null;
 - every expression-preprocessing variant the sweep can produce (finite choices), through
-  the content-addressed cache, with its before-training mixing/biology metrics;
+  the content-addressed cache, with its before-training mixing/biology metrics measured on
+  the test donors, like the trials' ``test/`` mixing metrics (``measured_on`` says which
+  donors, ``n_batches`` how many batches they hold), and the variant's ``info``
+  (convergence, epochs, held-out mapping);
 - frozen image-encoder features for every frozen encoder the sweep can produce.
 Continuous preprocessing parameters cannot be enumerated; those variants are computed on
 first use inside a trial, through the same locked cache, so still only once.
@@ -41,24 +44,13 @@ def ensure_dataset(cfg: StudyConfig, *, progress: bool = True) -> Path:
 
 def precompute(cfg: StudyConfig, paired: Any, *, progress: bool = True) -> dict[str, Any]:
     """Compute every enumerable preprocessing variant and frozen feature set once."""
-    from hescape.preprocess import measure_variant, prepare
-
     base = cfg.model_dump()
     cache = storage_root(cfg) / "cache"
     out: dict[str, Any] = {"variants": [], "features": []}
     variants = enumerate_sections(cfg.sweep, base, "preprocess.expression")
     for section in variants or []:
         maybe_kill_driver("precompute", step=len(out["variants"]))  # tests only
-        vcfg = StudyConfig.model_validate({**base, "preprocess": {**base["preprocess"],
-                                                                  "expression": section}})
-        prepared = prepare(paired, vcfg.preprocess.expression, batch_key=cfg.data.batch_key,
-                           cache_dir=cache / "preprocess", progress=progress)
-        metrics = measure_variant(prepared, paired.adata, batch_key=cfg.data.batch_key,
-                                  label_key=cfg.data.label_key)
-        out["variants"].append(
-            {"method": prepared.method, "config": section, "saw_heldout": prepared.saw_heldout,
-             "cache_key": prepared.cache_key, "metrics": metrics}
-        )
+        out["variants"].append(_variant(cfg, base, section, paired, cache, progress))
     images = enumerate_sections(cfg.sweep, base, "model.image") or []
     stain_swept = cfg.sweep is not None and any(
         k.startswith("preprocess.image") for k in cfg.sweep.params)
@@ -73,6 +65,31 @@ def precompute(cfg: StudyConfig, paired: Any, *, progress: bool = True) -> dict[
         path = _frozen_features(icfg, paired, progress=progress)
         out["features"].append({"encoder": section["name"], "path": str(path)})
     return out
+
+
+MEASURED_PART = "test"  # the donors the trials' test/ mixing metrics are computed on
+
+
+def _variant(cfg: StudyConfig, base: dict[str, Any], section: dict[str, Any], paired: Any,
+             cache: Path, progress: bool) -> dict[str, Any]:
+    """Prepare one variant (cached) and measure it before training on the test donors."""
+    import numpy as np
+
+    from hescape.preprocess import measure_variant, prepare
+
+    vcfg = StudyConfig.model_validate({**base, "preprocess": {**base["preprocess"],
+                                                              "expression": section}})
+    prepared = prepare(paired, vcfg.preprocess.expression, batch_key=cfg.data.batch_key,
+                       cache_dir=cache / "preprocess", progress=progress)
+    rows = paired.indices(MEASURED_PART)
+    metrics = measure_variant(prepared, paired.adata, batch_key=cfg.data.batch_key,
+                              label_key=cfg.data.label_key, rows=rows)
+    batches = paired.adata.obs[cfg.data.batch_key].astype(str).to_numpy()[rows]
+    return {"method": prepared.method, "config": section, "saw_heldout": prepared.saw_heldout,
+            "kind": prepared.kind, "cache_key": prepared.cache_key, "metrics": metrics,
+            "info": prepared.info, "n_batches": int(len(np.unique(batches))),
+            "measured_on": {"part": MEASURED_PART, "donors": list(paired.split[MEASURED_PART]),
+                            "n_rows": int(len(rows))}}
 
 
 def _frozen_features(cfg: StudyConfig, paired: Any, *, progress: bool) -> Path:

@@ -5,10 +5,17 @@ A parameter is addressed by the dotted path of the config key it sets
 sampled only when the other key (an earlier sweep parameter, or the base config) has one of
 the listed values; otherwise the base value stays. Conditions may only refer to parameters
 declared earlier, so define-by-run sampling is a single ordered pass.
+
+Validation also checks what the registries declare: a gene encoder must accept the output
+kind of the preprocessing method it is paired with (a grid skips incompatible points with
+a note; a TPE/random space that can sample one is refused: add a ``when`` condition), and a
+search that mixes inductive and transductive preprocessing gets a warning (its trials do
+not share one held-out protocol).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +30,11 @@ from hescape.config import (
 )
 
 SEED_KEY = "train.seed"
+PAIR_PREFIXES = ("preprocess.expression.", "model.gene.")
+
+
+class SpaceWarning(UserWarning):
+    """A search space that runs, but whose comparison needs a caveat."""
 
 
 def _condition_holds(param: SweepParam, sampled: dict[str, Any], base: dict[str, Any]) -> bool:
@@ -73,8 +85,13 @@ def define_by_run(sweep: SweepConfig, base: dict[str, Any]) -> Callable[[Any], N
     return DefineByRun(sweep, base)
 
 
-def grid_points(sweep: SweepConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Full cross product of the named factors, respecting ``when`` conditions."""
+def grid_points(sweep: SweepConfig, base: dict[str, Any], *,
+                skip_incompatible: bool = True) -> list[dict[str, Any]]:
+    """Full cross product of the named factors, respecting ``when`` conditions.
+
+    Points whose gene encoder cannot take their preprocessing output are left out
+    (``validate_space`` notes them) unless ``skip_incompatible`` is False.
+    """
     points: list[dict[str, Any]] = [{}]
     for key, p in sweep.params.items():
         nxt: list[dict[str, Any]] = []
@@ -88,7 +105,30 @@ def grid_points(sweep: SweepConfig, base: dict[str, Any]) -> list[dict[str, Any]
     for point in points:
         if point not in unique:
             unique.append(point)
+    if skip_incompatible:
+        unique = [p for p in unique if pair_problem(apply_params(base, p)) is None]
     return unique
+
+
+def pair_problem(config: dict[str, Any]) -> str | None:
+    """Why a config's gene encoder cannot take its preprocessing output (None if it can)."""
+    from hescape.config import GeneEncoderConfig
+    from hescape.models import gene_input_problem
+
+    gene = GeneEncoderConfig.model_validate(get_path(config, "model.gene"))
+    return gene_input_problem(gene, get_path(config, "preprocess.expression"))
+
+
+def _choice_points(sweep: SweepConfig, base: dict[str, Any],
+                   prefixes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """All combinations of the choice params under ``prefixes`` (and the choice params
+    their conditions name); other params keep their base value."""
+    relevant = {k for k, p in sweep.params.items() if k.startswith(prefixes)}
+    conds = {c for k in relevant for c in (sweep.params[k].when or {})}
+    params = {k: p for k, p in sweep.params.items()
+              if (k in relevant or k in conds) and p.type == "choice"}
+    sub = SweepConfig(searcher="grid", scheduler="none", params=params)
+    return grid_points(sub, base, skip_incompatible=False)
 
 
 def with_seeds(points: list[dict[str, Any]], n_seeds: int, base_seed: int) -> list[dict[str, Any]]:
@@ -118,7 +158,8 @@ def validate_space(cfg: StudyConfig, source: str = "<config>") -> None:
         try:
             get_path(base, key)
         except KeyError:
-            problems.append(f"sweep.params.{key}: not a config key (see experiments/base.yaml)")
+            problems.append(f"sweep.params.{key}: not a config key (see experiments/base.yaml)"
+                            + _moved_hint(key))
             continue
         for cond in p.when or {}:
             if cond not in declared:
@@ -135,6 +176,71 @@ def validate_space(cfg: StudyConfig, source: str = "<config>") -> None:
     if problems:
         raise ConfigError(f"{source}: invalid search space\n  - " + "\n  - ".join(problems))
     _validate_values(cfg, base, source)
+    _check_pairs(cfg.sweep, base, source)
+    _check_protocols(cfg.sweep, base, source)
+
+
+def _moved_hint(key: str) -> str:
+    from hescape.preprocess.spec import moved_key_message
+
+    prefix = "preprocess.expression."
+    msg = moved_key_message(key[len(prefix):]) if key.startswith(prefix) else None
+    return f"; {msg}" if msg else ""
+
+
+def _check_pairs(sweep: SweepConfig, base: dict[str, Any], source: str) -> None:
+    """Grid: note the skipped encoder/preprocessing pairs. TPE/random: refuse a space that
+    can sample one (Optuna cannot exclude a combination; a ``when`` condition can)."""
+    if sweep.searcher == "grid":
+        points = grid_points(sweep, base, skip_incompatible=False)
+    else:
+        points = _choice_points(sweep, base, PAIR_PREFIXES)
+    bad = [(p, msg) for p in points if (msg := pair_problem(apply_params(base, p)))]
+    if not bad:
+        return
+    pairs = sorted({f"{_pair_name(apply_params(base, p))}" for p, _ in bad})
+    if sweep.searcher != "grid":
+        raise ConfigError(
+            f"{source}: invalid search space\n  - the {sweep.searcher} search can sample gene "
+            f"encoder x preprocessing pairs that cannot run ({', '.join(pairs)}): "
+            f"{bad[0][1]}. Add a condition, e.g. model.gene.name: {{..., when: "
+            "{preprocess.expression.method: [<methods it takes>]}}, or use searcher: grid "
+            "(which skips them)")
+    warnings.warn(f"{source}: the grid skips {len(bad)} point(s) whose gene encoder cannot "
+                  f"take the preprocessing output ({', '.join(pairs)}); they are not trained. "
+                  f"{bad[0][1]}", SpaceWarning, stacklevel=3)
+
+
+def _pair_name(config: dict[str, Any]) -> str:
+    return (f"{get_path(config, 'model.gene.name')} x "
+            f"{get_path(config, 'preprocess.expression.method')}")
+
+
+def protocols_of(sweep: SweepConfig | None, base: dict[str, Any]) -> dict[str, list[str]]:
+    """Held-out protocol -> the preprocessing methods the search reaches with it."""
+    from hescape.preprocess.spec import section_facts
+
+    points = [{}] if sweep is None else _choice_points(sweep, base, ("preprocess.expression.",))
+    out: dict[str, list[str]] = {}
+    for point in points:
+        section = get_path(apply_params(base, point), "preprocess.expression")
+        methods = out.setdefault(section_facts(section)[1], [])
+        if section["method"] not in methods:
+            methods.append(section["method"])
+    return out
+
+
+def _check_protocols(sweep: SweepConfig, base: dict[str, Any], source: str) -> None:
+    """Warn when one search compares inductive with transductive preprocessing."""
+    found = protocols_of(sweep, base)
+    if len(found) > 1:
+        warnings.warn(
+            f"{source}: this search mixes held-out protocols: inductive for "
+            f"{', '.join(found['inductive'])} (the correction never saw val/test donors) and "
+            f"transductive for {', '.join(found['transductive'])} (fitted on them too). "
+            "Their val/test metrics are not like for like; set every method's mode to "
+            "inductive, or read the report's tables split by saw_heldout.",
+            SpaceWarning, stacklevel=3)
 
 
 def _validate_values(cfg: StudyConfig, base: dict[str, Any], source: str) -> None:
@@ -180,11 +286,8 @@ def enumerate_sections(
     relevant = {k: p for k, p in sweep.params.items() if k.startswith(section + ".")}
     if any(p.type != "choice" for p in relevant.values()):
         return None
-    conditions = {c for p in relevant.values() for c in (p.when or {})}
-    extra = {k: p for k, p in sweep.params.items() if k in conditions and k not in relevant}
-    sub = SweepConfig(searcher="grid", scheduler="none", params={**extra, **relevant})
     sections: list[dict[str, Any]] = []
-    for point in grid_points(sub, base):
+    for point in _choice_points(sweep, base, (section + ".",)):
         value = get_path(apply_params(base, point), section)
         if value not in sections:
             sections.append(value)
@@ -193,12 +296,15 @@ def enumerate_sections(
 
 __all__ = [
     "SEED_KEY",
+    "SpaceWarning",
     "apply_params",
     "config_id",
     "count_trials",
     "define_by_run",
     "enumerate_sections",
     "grid_points",
+    "pair_problem",
+    "protocols_of",
     "validate_space",
     "with_seeds",
 ]

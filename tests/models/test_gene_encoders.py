@@ -1,4 +1,5 @@
-"""Gene encoders: registry matrix, transformer panel limit, frozen_pretrained checkpoints."""
+"""Gene encoders: registry matrix, transformer panel limit, frozen_pretrained checkpoints,
+the input kinds each accepts."""
 
 from __future__ import annotations
 
@@ -85,3 +86,35 @@ def test_frozen_pretrained_missing_or_unsafe(tmp_path) -> None:
     torch.save({"format": "hescape-gene-encoder/1", "obj": torch.nn.Linear(2, 2)}, bad)
     with pytest.raises(UnsafeCheckpointError):
         create_gene_encoder(GeneEncoderConfig(name="frozen_pretrained", checkpoint=str(bad)), 5)
+
+
+# ------------------------------------------- encoder x preprocessing output (issue 12 item 4)
+def test_transformer_refuses_negative_input_instead_of_binning_it_to_zero() -> None:
+    enc = _encoder("transformer", 4, None)
+    with pytest.raises(ValueError, match="negative values.*mlp or latent_mlp"):
+        enc(torch.tensor([[0.5, -1.0, 2.0, 0.0]]))
+
+
+@pytest.mark.parametrize("name", list_gene_encoders())
+def test_every_encoder_declares_what_it_accepts(name: str) -> None:
+    from hescape.models.gene import gene_encoder_spec
+    from hescape.preprocess.spec import KINDS
+
+    accepts = gene_encoder_spec(name).accepts
+    assert accepts and accepts <= set(KINDS)
+
+
+def test_config_refuses_transformer_on_signed_features_and_accepts_expression() -> None:
+    from hescape.config import ConfigError, validate_config
+
+    for method in ("harmony", "pca", "combat", "scvi"):  # signed features (scVI: latent)
+        with pytest.raises(ConfigError, match=f"method='{method}' outputs real-valued"):
+            validate_config({"preprocess": {"expression": {"method": method}},
+                             "model": {"gene": {"name": "transformer"}}})
+    ok = [({"method": "none"}, "transformer"),
+          ({"method": "scvi", "scvi": {"output": "normalized"}}, "transformer"),
+          ({"method": "harmony"}, "mlp"), ({"method": "scvi"}, "latent_mlp")]
+    for expression, gene in ok:
+        cfg = validate_config({"preprocess": {"expression": expression},
+                               "model": {"gene": {"name": gene}}})
+        assert cfg.model.gene.name == gene

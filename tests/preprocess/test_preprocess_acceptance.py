@@ -67,7 +67,7 @@ def sim():
 
 SIM_VARIANTS = [
     pytest.param("harmony", {}, id="harmony"),
-    pytest.param("harmony", {"harmony_mode": "inductive"}, id="harmony-inductive"),
+    pytest.param("harmony", {"harmony": {"mode": "transductive"}}, id="harmony-transductive"),
     pytest.param("combat", {}, id="combat"),
     pytest.param("scvi", {"scvi": SCVI_SIM}, id="scvi-inductive", marks=pytest.mark.slow),
 ]

@@ -39,7 +39,7 @@ def _counting(monkeypatch, log: Path | None = None, delay: float = 0.0):
 
 def test_prepare_caches_and_reloads(paired, tmp_path, monkeypatch):
     calls = _counting(monkeypatch)
-    cfg = ExpressionPreprocess(method="pca", n_pcs=5)
+    cfg = ExpressionPreprocess(method="pca", pca={"n_pcs": 5})
     first = prepare(paired, cfg, batch_key="donor", cache_dir=tmp_path, progress=False)
     second = prepare(paired, cfg, batch_key="donor", cache_dir=tmp_path, progress=False)
     assert len(calls) == 1
@@ -53,12 +53,13 @@ def test_prepare_caches_and_reloads(paired, tmp_path, monkeypatch):
 def test_key_depends_on_relevant_options_only(paired):
     split = paired.split
     key = variant_key(paired.fingerprint, ExpressionPreprocess(method="pca"), split, batch_key="donor")
-    # scVI options do not change a PCA result ...
-    same = ExpressionPreprocess(method="pca", scvi={"max_epochs": 3})
-    assert variant_key(paired.fingerprint, same, split, batch_key="donor") == key
+    # other methods' options (scVI's, Harmony's n_pcs) do not change a PCA result ...
+    for same in [ExpressionPreprocess(method="pca", scvi={"max_epochs": 3}),
+                 ExpressionPreprocess(method="pca", harmony={"n_pcs": 5})]:
+        assert variant_key(paired.fingerprint, same, split, batch_key="donor") == key
     # ... while n_pcs, the split, the batch key and the data do
     for other in [
-        variant_key(paired.fingerprint, ExpressionPreprocess(method="pca", n_pcs=5), split, batch_key="donor"),
+        variant_key(paired.fingerprint, ExpressionPreprocess(method="pca", pca={"n_pcs": 5}), split, batch_key="donor"),
         variant_key(paired.fingerprint, ExpressionPreprocess(method="pca"), {**split, "train": split["train"][:1]}, batch_key="donor"),
         variant_key(paired.fingerprint, ExpressionPreprocess(method="pca"), split, batch_key="slide"),
         variant_key("other-data", ExpressionPreprocess(method="pca"), split, batch_key="donor"),
@@ -79,7 +80,7 @@ def test_corrupt_entry_is_recomputed(paired, tmp_path, monkeypatch):
 
 def test_concurrent_threads_compute_once(paired, tmp_path, monkeypatch):
     calls = _counting(monkeypatch, delay=0.5)
-    cfg = ExpressionPreprocess(method="pca", n_pcs=4)
+    cfg = ExpressionPreprocess(method="pca", pca={"n_pcs": 4})
     results = []
 
     def work():
@@ -101,7 +102,7 @@ def _child(path: str, cache_dir: str, log: str) -> None:
     mp_ = _pytest.MonkeyPatch()
     _counting(mp_, log=Path(log), delay=0.5)
     paired = load_paired(path)
-    prepare(paired, ExpressionPreprocess(method="pca", n_pcs=3), batch_key="donor",
+    prepare(paired, ExpressionPreprocess(method="pca", pca={"n_pcs": 3}), batch_key="donor",
             cache_dir=cache_dir, progress=False)
 
 

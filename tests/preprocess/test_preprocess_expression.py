@@ -7,13 +7,16 @@ import pytest
 
 from hescape.config import ExpressionPreprocess
 from hescape.preprocess import apply_expression_variant, measure_variant, normalize_log1p
-from hescape.preprocess.expression import VARIANTS, _load_variants
+from hescape.preprocess.spec import get_method, method_names
 
 
-def test_registry_matches_config_literal():
-    _load_variants()
+def test_config_schema_is_generated_from_the_registry():
     literal = ExpressionPreprocess.model_fields["method"].annotation.__args__
-    assert sorted(literal) == VARIANTS.names()
+    assert sorted(literal) == method_names()
+    for name in method_names():
+        spec = get_method(name)
+        if spec.options is not None:  # each method's options nested under its own name
+            assert ExpressionPreprocess.model_fields[name].annotation is spec.options
 
 
 def test_normalize_log1p_definition(toy):
@@ -31,18 +34,19 @@ def test_none_and_pca_flags(toy):
     assert none.method == "none" and not none.saw_heldout and none.X.shape == (60, 12)
     assert none.feature_names == list(toy.var_names)
     mask = toy.obs["donor"].to_numpy() != "d2"
-    pca = apply_expression_variant(toy, ExpressionPreprocess(method="pca", n_pcs=4),
+    pca = apply_expression_variant(toy, ExpressionPreprocess(method="pca", pca={"n_pcs": 4}),
                                    batch_key="donor", train_mask=mask)
     assert pca.X.shape == (60, 4) and not pca.saw_heldout
-    unaudited = apply_expression_variant(toy, ExpressionPreprocess(method="pca", n_pcs=4),
+    unaudited = apply_expression_variant(toy, ExpressionPreprocess(method="pca", pca={"n_pcs": 4}),
                                          batch_key="donor")
     assert unaudited.saw_heldout  # no mask: cannot tell, so flagged
 
 
-@pytest.mark.parametrize("kw", [{"method": "pca"}, {"method": "harmony", "harmony_mode": "inductive"}])
+@pytest.mark.parametrize("kw", [{"method": "pca", "pca": {"n_pcs": 4}},
+                                {"method": "harmony", "harmony": {"n_pcs": 4}}])
 def test_inductive_training_rows_ignore_heldout(toy, kw):
     """Changing held-out expression must not change the training rows' representation."""
-    cfg = ExpressionPreprocess(n_pcs=4, **kw)
+    cfg = ExpressionPreprocess(**kw)
     mask = toy.obs["donor"].to_numpy() != "d2"
     a = apply_expression_variant(toy, cfg, batch_key="donor", train_mask=mask)
     other = toy.copy()
@@ -55,13 +59,13 @@ def test_inductive_training_rows_ignore_heldout(toy, kw):
 @pytest.mark.parametrize("method", ["harmony", "combat"])
 def test_transductive_flagged(toy, method):
     mask = toy.obs["donor"].to_numpy() != "d2"
-    out = apply_expression_variant(toy, ExpressionPreprocess(method=method, n_pcs=4),
-                                   batch_key="donor", train_mask=mask)
+    cfg = ExpressionPreprocess.model_validate({"method": method, method: {"mode": "transductive"}})
+    out = apply_expression_variant(toy, cfg, batch_key="donor", train_mask=mask)
     assert out.saw_heldout and np.isfinite(out.X).all()
 
 
 def test_harmony_records_convergence(toy):
-    out = apply_expression_variant(toy, ExpressionPreprocess(method="harmony", n_pcs=4),
+    out = apply_expression_variant(toy, ExpressionPreprocess(method="harmony", harmony={"n_pcs": 4}),
                                    batch_key="donor")
     assert isinstance(out.info["converged"], bool) and out.info["iterations"] >= 1
 
@@ -79,7 +83,7 @@ def test_nan_in_batch_key(toy):
         apply_expression_variant(toy, ExpressionPreprocess(method="combat"), batch_key="donor")
 
 
-@pytest.mark.parametrize("method", ["harmony", "scvi", "combat"])
+@pytest.mark.parametrize("method", [m for m in method_names() if get_method(m).needs_batches])
 def test_single_spot_batch(toy, method):
     toy.obs["donor"] = toy.obs["donor"].astype(str)
     toy.obs.iloc[0, toy.obs.columns.get_loc("donor")] = "lonely"
@@ -89,12 +93,12 @@ def test_single_spot_batch(toy, method):
 
 def test_scvi_non_integer_counts(toy, monkeypatch):
     toy.X = toy.X + 0.5
-    _load_variants()
 
     def never(*args, **kwargs):
         raise AssertionError("scVI started training on non-integer counts")
 
-    monkeypatch.setitem(VARIANTS._factories, "scvi", never)  # the check runs before any work
+    # the spec is frozen; swap its run for this test only (the check must run before it)
+    monkeypatch.setitem(vars(get_method("scvi")), "run", never)
     with pytest.raises(ValueError, match="allow_non_integer"):
         apply_expression_variant(toy, ExpressionPreprocess(method="scvi"), batch_key="donor")
 
@@ -110,5 +114,6 @@ def test_measure_variant_prefix_and_ignored_labels(toy):
     toy.obs["state"] = toy.obs["state"].astype(str)
     toy.obs.iloc[:10, toy.obs.columns.get_loc("state")] = "NA"
     m = measure_variant(out, toy, batch_key="donor", label_key="state", ignore_labels=["NA"])
-    assert {"pre/ilisi", "pre/kbet", "pre/ari", "pre/silhouette_label"} <= set(m)
+    assert {"pre/ilisi", "pre/kbet", "pre/ari_kmeans", "pre/silhouette_label", "pre/n_batches"} <= set(m)
+    assert m["pre/n_batches"] == 3
     assert m["pre/subsample_n"] == 50

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -10,11 +11,13 @@ import pytest
 from hescape.config import ConfigError, StudyConfig, SweepConfig, load_config
 from hescape.study.space import (
     SEED_KEY,
+    SpaceWarning,
     apply_params,
     config_id,
     define_by_run,
     enumerate_sections,
     grid_points,
+    protocols_of,
     validate_space,
     with_seeds,
 )
@@ -125,7 +128,7 @@ def test_enumerate_sections_finds_every_preprocessing_variant():
     sections = enumerate_sections(sweep, StudyConfig().model_dump(), "preprocess.expression")
     assert [s["method"] for s in sections] == ["none", "harmony", "scvi", "scvi"]
     assert {s["scvi"]["n_latent"] for s in sections if s["method"] == "scvi"} == {8, 16}
-    cont = _sweep({"preprocess.expression.theta": {"type": "uniform", "low": 1, "high": 3}})
+    cont = _sweep({"preprocess.expression.harmony.theta": {"type": "uniform", "low": 1, "high": 3}})
     assert enumerate_sections(cont, StudyConfig().model_dump(), "preprocess.expression") is None
 
 
@@ -158,3 +161,55 @@ def test_define_by_run_space_pickles():
     trial = study.ask()
     again(trial)
     assert "loss.init_temperature" in trial.params
+
+
+# ------------------------------------ registries: encoder/preprocessing pairs, held-out protocol
+PAIRS = {
+    "preprocess.expression.method": {"type": "choice", "values": ["none", "harmony"]},
+    "model.gene.name": {"type": "choice", "values": ["mlp", "transformer"]},
+}
+
+
+def _study(params, searcher="grid", **extra):
+    return StudyConfig.model_validate({"sweep": {"params": params, "searcher": searcher,
+                                                 "scheduler": "none"}, **extra})
+
+
+def test_grid_skips_incompatible_pairs_with_a_note():
+    cfg = _study(PAIRS)
+    points = grid_points(cfg.sweep, cfg.model_dump())
+    assert len(points) == 3  # transformer x harmony (signed PCs) is not trained
+    assert {"preprocess.expression.method": "harmony", "model.gene.name": "transformer"} \
+        not in points
+    with pytest.warns(SpaceWarning, match="skips 1 point.*transformer x harmony"):
+        validate_space(cfg, "study.yaml")
+
+
+def test_random_search_that_can_sample_an_incompatible_pair_is_refused():
+    with pytest.raises(ConfigError, match="transformer x harmony.*Add a condition"):
+        validate_space(_study(PAIRS, searcher="random"), "study.yaml")
+    guarded = {**PAIRS, "model.gene.name": {**PAIRS["model.gene.name"],
+                                            "when": {"preprocess.expression.method": ["none"]}}}
+    validate_space(_study(guarded, searcher="random"), "study.yaml")  # the condition avoids it
+
+
+def test_mixed_heldout_protocols_warn_at_validation():
+    mixed = {"preprocess.expression.method": {"type": "choice", "values": ["none", "harmony"]},
+             "preprocess.expression.harmony.mode": {
+                 "type": "choice", "values": ["inductive", "transductive"],
+                 "when": {"preprocess.expression.method": ["harmony"]}}}
+    with pytest.warns(SpaceWarning, match="mixes held-out protocols.*transductive for harmony"):
+        validate_space(_study(mixed), "study.yaml")
+    same = {"preprocess.expression.method": {"type": "choice",
+                                             "values": ["none", "harmony", "combat", "scvi"]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpaceWarning)
+        validate_space(_study(same), "study.yaml")  # all inductive by default: no warning
+    assert protocols_of(_study(same).sweep, StudyConfig().model_dump()) == {
+        "inductive": ["none", "harmony", "combat", "scvi"]}
+
+
+def test_sweeping_an_old_flat_key_names_the_new_one():
+    cfg = _study({"preprocess.expression.theta": {"type": "choice", "values": [1.0, 2.0]}})
+    with pytest.raises(ConfigError, match="preprocess.expression.harmony.theta"):
+        validate_space(cfg, "study.yaml")

@@ -1,14 +1,15 @@
-"""Harmony (harmonypy 2.x) on PCA, transductive or inductive (Symphony-style query mapping).
+"""``harmony``: Harmony (harmonypy 2.x) on PCA, inductive (Symphony-style query mapping)
+or transductive; options under ``preprocess.expression.harmony``.
 
-- ``transductive`` (default, common practice e.g. BLEEP): PCA and Harmony over every row,
-  held-out donors included; flagged ``saw_heldout=True``.
-- ``inductive``: PCA fitted on training rows, Harmony run on training rows only. Held-out
+- ``inductive`` (default): PCA fitted on training rows, Harmony run on training rows only. Held-out
   donors are new batches that Harmony never saw, so they cannot reuse a learned per-batch
   offset; they are mapped as queries the way Symphony (Kang et al. 2021) maps onto a Harmony
   reference: soft-assign each held-out cell to the frozen reference centroids, then per
   cluster fit a ridge regression of that donor's offset (the intercept pinned by the
   reference's corrected statistics) and remove it. Each held-out donor is corrected from its
   own unlabelled cells only; the training representation never depends on held-out data.
+- ``transductive`` (common practice, e.g. BLEEP): PCA and Harmony over every row,
+  held-out donors included; flagged ``saw_heldout=True``.
 
 harmonypy 2.x returns ``Z_corr`` as cells x PCs; it reports convergence only through its
 logger, which we capture into ``info`` (``converged``, ``iterations``, ``log``).
@@ -18,16 +19,24 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Literal
 
 import numpy as np
-from anndata import AnnData
+from pydantic import Field
 
-from hescape.config import ExpressionPreprocess
-from hescape.preprocess.expression import VARIANTS, PreparedExpression
-from hescape.preprocess.pca import log_pcs
+from hescape.preprocess.expression import MethodInput, MethodOutput
+from hescape.preprocess.methods.pca import log_pcs
+from hescape.preprocess.spec import MethodOptions, MethodSpec, register
 
 QUERY_RIDGE = 1.0  # Symphony's default lambda for query batch terms
 MAX_ITER = 20
+
+
+class HarmonyOptions(MethodOptions):
+    n_pcs: int = Field(30, ge=2, description="PCs Harmony corrects")
+    theta: float = Field(2.0, ge=0.0, description="diversity penalty")
+    sigma: float = Field(0.1, gt=0.0, description="soft-clustering width")
+    mode: Literal["inductive", "transductive"] = "inductive"
 
 
 class _Capture(logging.Handler):
@@ -96,21 +105,33 @@ def symphony_map(ho, z_ref_corr: np.ndarray, z_query: np.ndarray, query_batches:
     return out.astype(np.float32)
 
 
-@VARIANTS.register("harmony")
-def harmony_variant(adata: AnnData, cfg: ExpressionPreprocess, *, batches: np.ndarray,
-                    train_mask: np.ndarray, progress: bool) -> PreparedExpression:
-    """Harmony on PCs; ``cfg.harmony_mode`` picks transductive or inductive (see module doc)."""
-    inductive = cfg.harmony_mode == "inductive"
-    fit_rows = train_mask if inductive else np.ones(adata.n_obs, dtype=bool)
-    z, info = log_pcs(adata, cfg, fit_rows)
-    ho, hinfo = run_harmony(z[fit_rows], batches[fit_rows], theta=cfg.theta, sigma=cfg.sigma)
-    info.update(hinfo, mode=cfg.harmony_mode)
+def run(inp: MethodInput, opts: HarmonyOptions) -> MethodOutput:
+    """Harmony on PCs; ``opts.mode`` picks inductive or transductive (see module doc)."""
+    inductive = opts.mode == "inductive"
+    fit_rows = inp.train_mask if inductive else np.ones(inp.adata.n_obs, dtype=bool)
+    z, info = log_pcs(inp, opts.n_pcs, fit_rows)
+    ho, hinfo = run_harmony(z[fit_rows], inp.batches[fit_rows], theta=opts.theta,
+                            sigma=opts.sigma)
+    info.update(hinfo, mode=opts.mode)
     out = np.empty_like(z)
     out[fit_rows] = np.asarray(ho.Z_corr, dtype=np.float32)
     if inductive and not fit_rows.all():
         held = ~fit_rows
-        out[held] = symphony_map(ho, out[fit_rows], z[held], batches[held], sigma=cfg.sigma)
+        out[held] = symphony_map(ho, out[fit_rows], z[held], inp.batches[held], sigma=opts.sigma)
         info["heldout_mapping"] = "symphony"
-    return PreparedExpression(
-        X=out, feature_names=[f"harmony_{i + 1}" for i in range(out.shape[1])],
-        saw_heldout=not inductive and not bool(train_mask.all()), method="harmony", info=info)
+    return MethodOutput(X=out, feature_names=[f"harmony_{i + 1}" for i in range(out.shape[1])],
+                        info=info)
+
+
+SPEC = register(MethodSpec(
+    name="harmony",
+    summary="Harmony (harmonypy) on PCs of log-normalised expression",
+    run=run,
+    options=HarmonyOptions,
+    needs_batches=True,
+    heldout="inductive: held-out donors mapped onto the frozen training reference "
+            "(Symphony); transductive: fitted on every donor",
+    output="features",
+    protocols=("inductive", "transductive"),
+    legacy_keys={"n_pcs": "n_pcs", "theta": "theta", "sigma": "sigma", "harmony_mode": "mode"},
+))
