@@ -2,8 +2,8 @@
 """Run a hescape study: ``python study/run.py experiments/<study>.yaml [--set k=v] [--resume]``.
 
 On this machine it starts a local Ray; with --address (or inside ``ray job submit``) it
-joins the cluster. Review results with
-``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`` (127.0.0.1 by default).
+joins the cluster. Review results with ``make mlflow-ui`` (127.0.0.1:5000; README: Reviewing a
+study in MLflow); the run ends by printing the link to the study's experiment.
 """
 
 from __future__ import annotations

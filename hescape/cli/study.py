@@ -51,7 +51,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(f"study {result.name}: {len(result.trials)} trial run(s) in MLflow "
           f"(parent run {result.parent_run_id})")
     print(f"report: {result.report_dir}/report.md")
-    print(f"dashboard: mlflow ui --backend-store-uri {result.tracking_uri}")
+    from hescape.study.lineage import dashboard_hint
+
+    print(f"dashboard: {dashboard_hint(result.tracking_uri, result.parent_run_id)}")
     return 0
 
 

@@ -306,6 +306,22 @@ def log_artifacts(ref: LineageRef, run_id: str, paths: dict[str, Path], subdir: 
             with_retry(lambda p=path: client.log_artifact(run_id, str(p), artifact_path=subdir))
 
 
+def dashboard_hint(tracking_uri: str, run_id: str, *, port: int = 5000) -> str:
+    """How to open ``run_id``'s experiment in the MLflow UI (training view), as one line."""
+    client = MlflowClient(tracking_uri)
+    exp_id = with_retry(lambda: client.get_run(run_id)).info.experiment_id
+    page = f"#/experiments/{exp_id}?workflowType=machine_learning"
+    if tracking_uri.partition("://")[0].lower() in ("http", "https"):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    prefix, suffix = "sqlite:///", "/mlflow.db"
+    if tracking_uri.startswith(prefix) and tracking_uri.endswith(suffix):
+        storage = tracking_uri[len(prefix):-len(suffix)]  # sqlite:////abs -> /abs
+        return (f"make mlflow-ui MLFLOW_STORAGE={storage} (in the hescape checkout), then "
+                f"http://127.0.0.1:{port}/{page}")
+    return (f"an MLflow server over {scrub_text(tracking_uri)} (README: Reviewing a study in "
+            f"MLflow), page /{page}")
+
+
 def finish_run(ref: LineageRef, run_id: str, status: str, *, error: str | None = None) -> None:
     """Close a run with FINISHED/FAILED/KILLED; the error text goes in a tag."""
     client = MlflowClient(ref.tracking_uri)
@@ -328,6 +344,7 @@ __all__ = [
     "artifact_location_for",
     "child_runs",
     "close_orphans",
+    "dashboard_hint",
     "dataset_inputs",
     "entry_point",
     "find_child",

@@ -121,3 +121,12 @@ def test_reattached_child_is_not_duplicated(store) -> None:
     again = lineage.open_child(ref, "t1", existing=lineage.find_child(ref, "t1"), name="t1",
                                tags={})
     assert again == first and len(lineage.child_runs(ref)) == 1
+
+
+def test_dashboard_hint_links_the_training_view_of_the_experiment(store) -> None:
+    storage, uri = store
+    ref = _open(storage, uri, "s5")
+    hint = lineage.dashboard_hint(uri, ref.parent_run_id)
+    assert f"make mlflow-ui MLFLOW_STORAGE={storage.resolve()} " in hint
+    assert hint.endswith(f"/#/experiments/{ref.experiment_id}?workflowType=machine_learning")
+    assert "mlflow ui" not in hint  # plain `mlflow ui` leaves job consumers behind
