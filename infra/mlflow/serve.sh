@@ -31,6 +31,9 @@ HOST=${HESCAPE_BIND_HOST:-127.0.0.1}
 PORT=${MLFLOW_PORT:-5000}
 WORKERS=${MLFLOW_WORKERS:-4}
 MLFLOW=${MLFLOW:-mlflow}
+# MLflow's job runner (huey consumers for GenAI judges/trace jobs) is not used by hescape and its
+# consumers outlived the server after Ctrl-C; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true turns it on.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 
 # SQLAlchemy 2.1 maps postgresql:// to psycopg 3; the project installs psycopg2.
 if [[ "$BACKEND" == postgresql://* || "$BACKEND" == postgres://* ]]; then
