@@ -68,6 +68,7 @@ BIO_KEYS = ("graph_connectivity", "nmi_kmeans", "ari_kmeans", "silhouette_label"
 INFO_KEYS = ("n_batches", "n_labels", "subsample_n", "subsample_seed", "knn_capped")
 MIXING_KEYS = BATCH_KEYS + LABEL_BATCH_KEYS + BIO_KEYS + INFO_KEYS
 KMEANS_INITS = 10
+BACKENDS = ("hescape", "scib")
 MIN_CELLS = NEIGHBOURS["graph"] + 1
 
 
@@ -78,6 +79,7 @@ def mixing_metrics(
     *,
     subsample: int | None = 5000,
     seed: int = 0,
+    backend: str = "hescape",
 ) -> dict[str, float]:
     """Batch-mixing (and, with ``labels``, biology-conservation) metrics of ``emb`` (N x D).
 
@@ -85,35 +87,86 @@ def mixing_metrics(
     graph_connectivity, nmi_kmeans, ari_kmeans, silhouette_label, n_labels`` with labels) plus
     ``subsample_n``, ``subsample_seed`` and ``knn_capped``. ``subsample=None`` uses every row;
     otherwise rows are drawn per batch in proportion (seeded). See the module docstring for
-    which protocol each figure follows.
+    which protocol each figure follows. ``backend="scib"`` computes the same keys with
+    scib-metrics itself (``pip install 'hescape-study[scib]'``; approximate neighbours, its
+    JAX KMeans), e.g. to cross-check a study's figures.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     x, b, y = _check_inputs(emb, batch, labels)
     idx = stratified_subsample(b, subsample, seed=seed)
     x, b = x[idx], b[idx]
     y = y[idx] if y is not None else None
     _, b_codes = np.unique(b, return_inverse=True)
-    n_batches = int(b_codes.max()) + 1
-    nn_idx, nn_dist = knn_with_self(x, NEIGHBOURS["lisi"])
-    out: dict[str, float] = {"n_batches": float(n_batches)}
-    batch_keys = BATCH_KEYS + (LABEL_BATCH_KEYS if y is not None else ())
-    if n_batches < 2:
-        out.update({key: float("nan") for key in batch_keys})
-    else:
-        out["ilisi"] = ilisi(nn_idx, nn_dist, b_codes)
-        out["kbet_global"] = kbet_acceptance(nn_idx[:, : NEIGHBOURS["kbet"]], b_codes)
-        if y is not None:
-            out["kbet"] = kbet_per_label(nn_idx[:, : NEIGHBOURS["kbet"]],
-                                         nn_dist[:, : NEIGHBOURS["kbet"]], b_codes, y)[0]
-            out["silhouette_batch"] = silhouette_batch(x, b_codes, y)
+    out: dict[str, float] = {"n_batches": float(b_codes.max() + 1)}
     if y is not None:
         out["n_labels"] = float(len(np.unique(y)))
-        out["graph_connectivity"] = graph_connectivity(nn_idx[:, : NEIGHBOURS["graph"]], y)
-        out.update(kmeans_agreement(x, y, seed=seed))
-        out["silhouette_label"] = silhouette_label(x, y)
+    figures = _scib_figures if backend == "scib" else _own_figures
+    out.update(figures(x, b_codes, y, seed=seed))
     out["subsample_n"] = float(len(idx))
     out["subsample_seed"] = float(seed)
     out["knn_capped"] = float(len(x) < NEIGHBOURS["lisi"])
     return out
+
+
+def _own_figures(x: np.ndarray, codes: np.ndarray, y: np.ndarray | None, *,
+                 seed: int) -> dict[str, float]:
+    nn_idx, nn_dist = knn_with_self(x, NEIGHBOURS["lisi"])
+    k_kbet, out = NEIGHBOURS["kbet"], {}
+    if codes.max() < 1:
+        out.update(_nan_batch_figures(y))
+    else:
+        out["ilisi"] = ilisi(nn_idx, nn_dist, codes)
+        out["kbet_global"] = kbet_acceptance(nn_idx[:, :k_kbet], codes)
+        if y is not None:
+            out["kbet"] = kbet_per_label(nn_idx[:, :k_kbet], nn_dist[:, :k_kbet], codes, y)[0]
+            out["silhouette_batch"] = silhouette_batch(x, codes, y)
+    if y is not None:
+        out["graph_connectivity"] = graph_connectivity(nn_idx[:, : NEIGHBOURS["graph"]], y)
+        out.update(kmeans_agreement(x, y, seed=seed))
+        out["silhouette_label"] = silhouette_label(x, y)
+    return out
+
+
+def _scib_figures(x: np.ndarray, codes: np.ndarray, y: np.ndarray | None, *,
+                  seed: int) -> dict[str, float]:
+    """The same figures from scib-metrics itself, neighbours as its Benchmarker finds them."""
+    try:
+        import scib_metrics
+        from scib_metrics.nearest_neighbors import pynndescent
+    except ImportError as exc:
+        raise ImportError("mixing backend 'scib' needs scib-metrics (and JAX): "
+                          "pip install 'hescape-study[scib]'") from exc
+    x = x.astype(np.float32)
+    nn = pynndescent(x, n_neighbors=NEIGHBOURS["lisi"], random_state=0)
+    nn_kbet, nn_graph = nn.subset_neighbors(NEIGHBOURS["kbet"]), nn.subset_neighbors(NEIGHBOURS["graph"])
+    out: dict[str, float] = {}
+    if codes.max() < 1:
+        out.update(_nan_batch_figures(y))
+    else:
+        out["ilisi"] = float(scib_metrics.ilisi_knn(nn, codes))
+        out["kbet_global"] = float(scib_metrics.kbet(nn_kbet, codes)[0])
+        if y is not None:
+            out["kbet"] = float(scib_metrics.kbet_per_label(nn_kbet, codes, y))
+            try:
+                out["silhouette_batch"] = float(scib_metrics.silhouette_batch(x, y, codes))
+            except ValueError:  # no label holds two batches: scib-metrics concatenates nothing
+                out["silhouette_batch"] = float("nan")
+    if y is not None:
+        out["graph_connectivity"] = float(scib_metrics.graph_connectivity(nn_graph, y))
+        if len(np.unique(y)) < 2:
+            out.update(dict.fromkeys(("nmi_kmeans", "ari_kmeans", "silhouette_label"), np.nan))
+            return out
+        km = scib_metrics.nmi_ari_cluster_labels_kmeans(x, y)
+        out.update(nmi_kmeans=float(km["nmi"]), ari_kmeans=float(km["ari"]))
+        out["silhouette_label"] = float(scib_metrics.silhouette_label(x, y))
+    return out
+
+
+def _nan_batch_figures(y: np.ndarray | None) -> dict[str, float]:
+    """One batch: nothing to mix, every batch figure NaN (a held-out split may hold one donor)."""
+    keys = BATCH_KEYS + (LABEL_BATCH_KEYS if y is not None else ())
+    return dict.fromkeys(keys, float("nan"))
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -272,3 +272,24 @@ def test_bad_input_messages():
         mixing_metrics(emb, [np.nan] + [1.0] * 29)
     with pytest.raises(ValueError, match="NaN or inf"):
         mixing_metrics(np.full((30, 2), np.nan), np.zeros(30))
+
+
+def test_backend_is_checked_and_scib_backend_says_how_to_install(monkeypatch):
+    emb, batch = _separated()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mixing_metrics(emb, batch, backend="scanpy")
+    monkeypatch.setitem(__import__("sys").modules, "scib_metrics", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"hescape-study\[scib\]"):
+        mixing_metrics(emb, batch, backend="scib")
+
+
+@pytest.mark.parametrize("name", ["starmap", "sim_partial"])
+def test_scib_backend_agrees_with_own_figures(scib_reference, name):
+    pytest.importorskip("scib_metrics", reason="optional extra: pip install 'hescape-study[scib]'")
+    _, inputs, ours = scib_reference
+    theirs = mixing_metrics(inputs[f"{name}_emb"], inputs[f"{name}_batch"],
+                            inputs[f"{name}_labels"], subsample=None, backend="scib")
+    assert set(theirs) == set(ours[name])
+    for metric, (_, tol) in SCIB_EQUIVALENT.items():
+        assert theirs[metric] == pytest.approx(ours[name][metric], abs=max(tol, 1e-4)), metric
+    assert theirs["nmi_kmeans"] == pytest.approx(ours[name]["nmi_kmeans"], abs=0.05)
