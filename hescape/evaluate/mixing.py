@@ -4,9 +4,12 @@ Protocol: scib-metrics 0.5.10's ``Benchmarker`` (Luecken et al. 2022, reimplemen
 scib-metrics), computed with numpy / scipy / scikit-learn because JAX is not part of the
 default install. One exact Euclidean 90-NN list per embedding, the cell itself as neighbour 0,
 cut to 15 / 50 / 90 neighbours as the Benchmarker does (it uses pynndescent's approximate
-search; exact and approximate lists coincide on the reference inputs). Every figure is in
-[0, 1], higher is better. tests/data/scib_reference holds scib-metrics' own values on real
-(STARmap) and simulated inputs; tests/evaluate/test_mixing.py checks these against them.
+search; exact and approximate lists coincide on the reference inputs), on the measured rows
+(a seeded, batch-stratified subsample above ``subsample`` rows; the Benchmarker uses all).
+Every figure is in [0, 1], higher is better. tests/data/scib_reference holds scib-metrics'
+own values on real (STARmap) and simulated inputs; tests/evaluate/test_mixing.py checks these
+against them. ``backend="scib"`` computes the same keys with scib-metrics itself (optional
+extra ``scib``), approximate neighbours and all.
 
 Same number as scib-metrics (names kept):
 
@@ -23,7 +26,8 @@ Same number as scib-metrics (names kept):
   strongly connected component of the directed 15-NN graph restricted to the label, over the
   label size; mean over labels.
 - ``silhouette_batch`` (labels): ``scib_metrics.silhouette_batch`` -- ``1 - |silhouette(batch)|``
-  per cell within each label, mean per label, mean over labels.
+  per cell within each label, mean per label, mean over labels (scib's batch ASW; the 0.5
+  Benchmarker's default batch silhouette is BRAS, not computed here).
 - ``silhouette_label`` (labels): ``scib_metrics.silhouette_label`` -- ``(ASW(labels) + 1) / 2``.
 
 Named for what they are (not scib's number):
@@ -37,9 +41,8 @@ Beside the figures: ``n_batches`` (and ``n_labels`` with labels) of the measured
 them with every figure -- ``subsample_n``, ``subsample_seed`` and ``knn_capped`` (1.0 when
 fewer than 90 rows: the lists run short of the Benchmarker's 50 / 90 neighbours and are padded
 as pynndescent pads them, which scib-metrics' kBET counts as the last cell's batch; treat such
-figures as under-powered). With a single
-batch the batch figures are NaN (nothing to mix), not an error: a held-out split may hold one
-donor. Renamed in this version: ``nmi -> nmi_kmeans``, ``ari -> ari_kmeans``; ``kbet`` now
+figures as under-powered). With a single batch the batch figures are NaN (nothing to mix),
+not an error: a held-out split may hold one donor. Renamed in this version: ``nmi -> nmi_kmeans``, ``ari -> ari_kmeans``; ``kbet`` now
 needs labels (the old label-free one is ``kbet_global``, now with scib's 50 neighbours);
 ``silhouette_batch`` now needs labels.
 """
