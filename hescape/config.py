@@ -144,6 +144,10 @@ class TrainConfig(Strict):
     seed: int = 0
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    gpus_per_trial: Optional[float] = Field(
+        None, gt=0.0, le=1.0, description="pack head-only trials on a GPU: the share of one "
+        "GPU each trial reserves (0.25: four at once); needs use_gpu, one worker, a frozen "
+        "image encoder and the feature cache; null = one whole GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0.0)
     in_process: bool = Field(
         True, description="1 worker, no GPU: run the loop in the trial process (no worker group)"
@@ -156,6 +160,15 @@ class TrainConfig(Strict):
     compile: bool = False
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0, description="worker-failure restarts (Ray FailureConfig)")
+
+    @model_validator(mode="after")
+    def _packing(self) -> TrainConfig:
+        if self.gpus_per_trial is not None and not (self.use_gpu and self.num_workers == 1):
+            raise ValueError(
+                f"gpus_per_trial={self.gpus_per_trial:g} packs one-worker trials on a GPU: "
+                f"set use_gpu: true and num_workers: 1 (have use_gpu={self.use_gpu}, "
+                f"num_workers={self.num_workers}), or drop gpus_per_trial")
+        return self
 
     @field_validator("best_metric")
     @classmethod

@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from hescape.config import ConfigError, StudyConfig
+from hescape.config import ConfigError, StudyConfig, get_path
 
 MIN_FREE_BYTES = 512 * 1024**2
 
@@ -36,10 +38,60 @@ class TrialResources:
         return self.trial.get("GPU", 0.0) + extra
 
 
+# what a packed trial must keep fixed: (its value must pass, why)
+PACKING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.image.mode": (lambda v: v == "frozen",
+                         "a trial that trains the image encoder needs a whole GPU"),
+    "train.feature_cache": (lambda v: v is True,
+                            "without the feature cache every batch runs the image encoder"),
+    "preprocess.image.stain_augment": (lambda v: v == 0,
+                                       "stain augmentation re-encodes every batch"),
+}
+
+
+def _values(cfg: StudyConfig, key: str) -> list[Any] | None:
+    """Every value ``key`` can take in the study (None: sampled from a continuous range)."""
+    values = [get_path(cfg.model_dump(), key)]
+    param = cfg.sweep.params.get(key) if cfg.sweep is not None else None
+    if param is not None:
+        if param.type != "choice":
+            return None
+        values += list(param.values or [])
+    return values
+
+
+def packing_problem(cfg: StudyConfig) -> str | None:
+    """Why trials of ``cfg`` may not share a GPU (``train.gpus_per_trial``), or None.
+
+    Only head-only trials pack: a frozen image encoder whose features come from the
+    study's cache, so a trial trains the projection heads and the gene tower alone."""
+    frac = cfg.train.gpus_per_trial
+    for key, (ok, why) in PACKING_RULES.items():
+        values = _values(cfg, key)
+        if values is None:
+            return (f"train.gpus_per_trial={frac:g} packs head-only trials on one GPU, but the "
+                    f"sweep samples {key} from a range: list its values (type: choice)")
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            return (f"train.gpus_per_trial={frac:g} packs head-only trials on one GPU, but "
+                    f"{key} can be {bad[0]!r}: {why}. Keep model.image.mode: frozen, "
+                    "train.feature_cache: true and preprocess.image.stain_augment: 0 in every "
+                    "trial, or drop train.gpus_per_trial (one whole GPU per trial)")
+    return None
+
+
 def trial_resources(cfg: StudyConfig) -> TrialResources:
+    """What one trial of ``cfg`` reserves (a ConfigError if GPU packing is not allowed)."""
     from hescape.train import runs_in_process  # the rule fit() itself follows
 
     t = cfg.train
+    if t.gpus_per_trial is not None:
+        problem = packing_problem(cfg)
+        if problem:
+            raise ConfigError(problem)
+        # the loop runs in the trial actor, on the GPU share Ray gives it
+        share = {"CPU": t.cpus_per_worker, "GPU": t.gpus_per_trial}
+        return TrialResources(share, 1, t.cpus_per_worker, t.gpus_per_trial, True)
     gpus = 1.0 if t.use_gpu else 0.0
     if runs_in_process(cfg):
         return TrialResources({"CPU": t.cpus_per_worker}, 1, t.cpus_per_worker, 0.0, True)

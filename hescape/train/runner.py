@@ -38,8 +38,11 @@ class FitResult:
 
 
 def runs_in_process(cfg: StudyConfig) -> bool:
-    """True when ``fit`` runs the loop in this process (1 worker, no GPU, in_process)."""
+    """True when ``fit`` runs the loop in this process (1 worker, no GPU, in_process; or a
+    head-only trial packed on a share of a GPU, ``train.gpus_per_trial``)."""
     tc = cfg.train
+    if tc.gpus_per_trial is not None:
+        return True
     return tc.in_process and tc.num_workers == 1 and not tc.use_gpu
 
 

@@ -66,3 +66,109 @@ def test_unwritable_storage_is_refused_even_as_root(tmp_path):
 def test_nearly_full_storage_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="MiB free"):
         check_storage(tmp_path, min_free=10**18)
+
+
+# ------------------------------------------------------------- packed head-only GPU trials
+def _packed(**extra) -> StudyConfig:
+    data = {"train": {"use_gpu": True, "gpus_per_trial": 0.25, "cpus_per_worker": 1},
+            "model": {"image": {"mode": "frozen"}}}
+    for key, value in extra.items():
+        section, _, field = key.partition("__")
+        data.setdefault(section, {})
+        if section == "sweep":
+            data["sweep"] = value
+        else:
+            data[section].update(value if not field else {field: value})
+    return StudyConfig.model_validate(data)
+
+
+def test_head_only_trials_pack_on_a_gpu_share():
+    res = trial_resources(_packed())
+    assert res.trial == {"CPU": 1.0, "GPU": 0.25} and res.in_process
+    assert (res.total_cpu, res.total_gpu) == (1.0, 0.25)
+    assert runs_in_process(_packed())  # the loop runs in the trial actor, on its share
+    assert max_concurrent_trials(res, {"CPU": 16.0, "GPU": 1.0}, None, "s") == 4
+    assert max_concurrent_trials(res, {"CPU": 16.0, "GPU": 2.0}, None, "s") == 8
+    assert max_concurrent_trials(res, {"CPU": 3.0, "GPU": 1.0}, None, "s") == 3  # CPU-bound
+    assert max_concurrent_trials(res, {"CPU": 16.0, "GPU": 1.0}, 2, "s") == 2
+    third = trial_resources(_packed(train={"use_gpu": True, "gpus_per_trial": 0.3}))
+    assert max_concurrent_trials(third, {"CPU": 16.0, "GPU": 1.0}, None, "s") == 3
+    with pytest.raises(ConfigError, match="0 GPU"):
+        max_concurrent_trials(res, {"CPU": 16.0}, None, "s")
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"model": {"image": {"mode": "finetune"}}}, "model.image.mode can be 'finetune'"),
+    ({"train": {"use_gpu": True, "gpus_per_trial": 0.5, "feature_cache": False}},
+     "train.feature_cache can be False"),
+    ({"preprocess": {"image": {"stain_augment": 0.05}}}, "stain_augment can be 0.05"),
+    ({"sweep": {"params": {"model.image.mode": {"type": "choice",
+                                                "values": ["frozen", "last_n"]}}}},
+     "model.image.mode can be 'last_n'"),
+    ({"sweep": {"params": {"preprocess.image.stain_augment": {
+        "type": "uniform", "low": 0.0, "high": 0.1}}}}, "samples preprocess.image.stain_augment"),
+])
+def test_packing_refuses_trials_that_are_not_head_only(extra, key):
+    with pytest.raises(ConfigError) as err:
+        trial_resources(_packed(**extra))
+    assert "train.gpus_per_trial=" in str(err.value) and key in str(err.value)
+    assert "drop train.gpus_per_trial" in str(err.value) or "type: choice" in str(err.value)
+
+
+def test_packing_needs_a_gpu_and_one_worker():
+    with pytest.raises(ValueError, match="set use_gpu: true and num_workers: 1"):
+        StudyConfig.model_validate({"train": {"gpus_per_trial": 0.25}})
+    with pytest.raises(ValueError, match="num_workers=2"):
+        StudyConfig.model_validate({"train": {"gpus_per_trial": 0.25, "use_gpu": True,
+                                              "num_workers": 2}})
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        StudyConfig.model_validate({"train": {"gpus_per_trial": 1.5, "use_gpu": True}})
+
+
+def _packed_trial(config: dict) -> dict:
+    """Announce itself, then wait until every packed trial has announced (they run at once)."""
+    import time
+    from pathlib import Path
+
+    import ray
+    from ray import tune
+
+    marks = Path(config["dir"])
+    (marks / f"trial-{config['i']}").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    deadline = time.monotonic() + 120
+    while len(list(marks.glob("trial-*"))) < config["n"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the packed trials did not all run at the same time")
+        time.sleep(0.2)
+    tune.report({"gpu_ids": ",".join(map(str, ray.get_gpu_ids())), "together": 1})
+
+
+def test_four_packed_trials_share_one_fake_gpu_in_tune(tmp_path):
+    """Ray places 4 trials of 0.25 GPU on a 1-GPU local cluster (scheduling only: no GPU
+    needed) and runs them at once; each sees GPU 0. Fails if any trial reserved a whole GPU
+    (the others would wait and the first would time out)."""
+    import sys
+
+    ray = pytest.importorskip("ray")
+    from ray import cloudpickle, tune
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    res = trial_resources(_packed())
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        n = max_concurrent_trials(res, ray.cluster_resources(), None, "s")
+        assert n == 4
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        tuner = tune.Tuner(
+            tune.with_resources(_packed_trial, res.trial),
+            param_space={"i": tune.grid_search(list(range(n))), "n": n, "dir": str(marks)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=n),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0))
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    assert not results.errors, results.errors
+    assert [r.metrics["together"] for r in results] == [1] * n
+    assert {r.metrics["gpu_ids"] for r in results} == {"0"}
+    assert {p.read_text() for p in marks.iterdir()} == {"0"}
