@@ -160,7 +160,9 @@ def _effects(doc: Document, rows: Rows, per_donor, cfg, settings, out: Path) -> 
     doc.para(
         "Each row: the level's value minus the reference level's (the base config's value, "
         "else the first level) on the test donors. 95% CI: percentile bootstrap, "
-        f"{settings.n_boot} replicates, held-out donors resampled jointly for all trials. "
+        f"{settings.n_boot} replicates, held-out donors resampled jointly for all trials, "
+        "widened for small samples (sqrt(n/(n-1)) t/z, n the fewest resampled units; plain "
+        "percentile intervals on 3 donors call pure noise distinguishable in ~23% of studies). "
         "*Paired*: trials matched on seed and the other factors are resampled as blocks, so "
         "shared seed effects cancel. *Unpaired* (TPE/random: levels also differ in factors "
         "TPE chose): configurations are resampled within each level and seeds within each "
