@@ -121,7 +121,8 @@ def diffusion_knn(conn: sparse.csr_matrix, *, k: int,
     z = np.sqrt(np.asarray(kern.sum(axis=0)))
     zinv = sparse.spdiags(1.0 / z, 0, kern.shape[0], kern.shape[0])
     transitions = (zinv @ kern @ zinv).astype(np.float64)
-    evals, evecs = eigsh(transitions, k=n_comps, which="LM")
+    v0 = np.random.default_rng(0).uniform(-1, 1, transitions.shape[0])  # reruns repeat exactly
+    evals, evecs = eigsh(transitions, k=n_comps, which="LM", v0=v0)
     evals, evecs = evals.astype(np.float32)[::-1], evecs.astype(np.float32)[:, ::-1]
     evals = evals + np.float32(_EPS)
     scaled = np.array([e if e == 1 else e / (1 - e) for e in evals])
