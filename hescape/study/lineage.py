@@ -27,6 +27,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from hescape.tracking import (
+    ARTIFACT_LOCATION_ENV,
     flatten,
     resolve_artifact_location,
     sanitize_key,
@@ -147,10 +148,40 @@ def find_parent(client: MlflowClient, experiment_id: str, study: str) -> str | N
 
 
 def artifact_location_for(cfg: Any, tracking_uri: str) -> str | None:
-    """Artifact location of the study's experiment (``resolve_artifact_location`` of ``cfg``)."""
+    """Artifact location of the study's experiment (``resolve_artifact_location`` of ``cfg``),
+    checked: an unknown scheme or a missing client library fails here, not in every trial."""
     experiment = cfg.mlflow.experiment or cfg.name
-    return resolve_artifact_location(cfg.mlflow.artifact_location, cfg.storage_dir,
-                                     tracking_uri, experiment)
+    location = resolve_artifact_location(cfg.mlflow.artifact_location, cfg.storage_dir,
+                                         tracking_uri, experiment)
+    check_artifact_location(location)
+    return location
+
+
+_CLIENT_LIBRARY = {"s3": "boto3", "r2": "boto3", "b2": "boto3"}  # imported only on first upload
+
+
+def check_artifact_location(location: str | None) -> None:
+    """Raise ConfigError when MLflow cannot write artifacts to ``location`` from this machine."""
+    if location is None or location.startswith("file:"):
+        return
+    from importlib.util import find_spec
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from hescape.config import ConfigError
+
+    library = _CLIENT_LIBRARY.get(location.partition("://")[0].lower())
+    try:
+        get_artifact_repository(location)
+        if library and find_spec(library) is None:
+            raise ImportError(f"No module named {library!r}")
+    except Exception as exc:  # noqa: BLE001 - any failure means the store is unusable
+        raise ConfigError(
+            f"mlflow.artifact_location (or ${ARTIFACT_LOCATION_ENV}) = {scrub_text(location)}: "
+            f"MLflow cannot use this artifact store ({type(exc).__name__}: {exc}). Install its "
+            "client library (s3: boto3; gs: google-cloud-storage) or unset it to keep artifacts "
+            "under storage_dir."
+        ) from None
 
 
 def open_parent(
@@ -342,6 +373,7 @@ def close_orphans(ref: LineageRef, *, status: str = "KILLED", reason: str) -> in
 __all__ = [
     "LineageRef",
     "artifact_location_for",
+    "check_artifact_location",
     "child_runs",
     "close_orphans",
     "dashboard_hint",

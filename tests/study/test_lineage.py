@@ -130,3 +130,23 @@ def test_dashboard_hint_links_the_training_view_of_the_experiment(store) -> None
     assert f"make mlflow-ui MLFLOW_STORAGE={storage.resolve()} " in hint
     assert hint.endswith(f"/#/experiments/{ref.experiment_id}?workflowType=machine_learning")
     assert "mlflow ui" not in hint  # plain `mlflow ui` leaves job consumers behind
+
+
+def test_unusable_artifact_store_is_refused_with_the_key(tmp_path, monkeypatch) -> None:
+    from importlib.util import find_spec
+
+    from hescape.config import ConfigError, StudyConfig
+
+    monkeypatch.delenv("HESCAPE_ARTIFACT_LOCATION", raising=False)
+    uri = "sqlite:///x/mlflow.db"
+
+    def cfg(location):
+        return StudyConfig.model_validate({"storage_dir": str(tmp_path), "name": "s",
+                                           "mlflow": {"artifact_location": location}})
+
+    assert lineage.artifact_location_for(cfg(None), uri) == (tmp_path / "mlartifacts/s").as_uri()
+    with pytest.raises(ConfigError, match="mlflow.artifact_location.*foo://bucket/s"):
+        lineage.artifact_location_for(cfg("foo://bucket"), uri)
+    if find_spec("boto3") is None:
+        with pytest.raises(ConfigError, match="boto3"):
+            lineage.artifact_location_for(cfg("s3://bucket/prefix"), uri)
