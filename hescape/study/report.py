@@ -39,7 +39,12 @@ from hescape.study.report_tables import (
     pareto_front,
     with_companions,
 )
-from hescape.study.results import metric_history, per_donor_tables, trial_table
+from hescape.study.results import (
+    metric_history,
+    parent_shared_work,
+    per_donor_tables,
+    trial_table,
+)
 from hescape.study.tuner import objectives
 
 History = Callable[[str, str], list[tuple[int, float]]]
@@ -55,10 +60,13 @@ def write_report(
     *, settings: BootstrapSettings | None = None,
 ) -> Path:
     """Write report.md/.html, effects.csv, leaderboard.csv and plots; log them to the parent
-    run under ``report/``. Returns the report directory."""
+    run under ``report/``. ``shared_work`` None: read the parent run's ``shared_work.json``.
+    Returns the report directory."""
     out = Path(study_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = trial_table(ref)
+    if shared_work is None:  # a re-report: the precomputed variants as the study logged them
+        shared_work = parent_shared_work(ref)
     per_donor, problems = per_donor_tables(ref, Path(study_dir), finished(rows))
     doc, frames = build_report(
         cfg, rows, out=out, shared_work=shared_work, per_donor=per_donor, problems=problems,

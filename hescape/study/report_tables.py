@@ -96,9 +96,10 @@ def _feature_label(features: str) -> str:
 
 def baseline_comparison(rows: list[dict[str, Any]],
                         tasks: dict[str, str] | None = None) -> pd.DataFrame:
-    """Tasks x feature sets over finished trials (mean ± sd): does contrastive training beat
-    the frozen image encoder and PCA of expression on each held-out task? Mutation rows
-    leave out trials whose mutation probe was underpowered."""
+    """Tasks x feature sets over finished trials (mean ± sd; one value where every trial
+    gave the same, as baselines do): does contrastive training beat the frozen image encoder
+    and PCA of expression on each held-out task? Mutation rows leave out trials whose
+    mutation probe was underpowered."""
     tasks = notes.comparison_tasks() if tasks is None else tasks
     recs, done = [], finished(rows)
     for r in done:
@@ -117,8 +118,9 @@ def baseline_comparison(rows: list[dict[str, Any]],
     if not feats & {"img", "gene", "joint"} or not any(f.startswith("baseline_") for f in feats):
         return pd.DataFrame()  # a comparison needs both sides
     g = long.groupby(["task", "features"], sort=False)["value"]
-    cell = (g.agg(["mean", "std", "count"]).apply(lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
-            if s["count"] > 1 else f"{s['mean']:.3f}", axis=1))
+    # a figure equal in every trial (a baseline: the same features each time) is one value
+    cell = (g.agg(["mean", "std", "nunique"]).apply(lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
+            if s["nunique"] > 1 else f"{s['mean']:.3f}", axis=1))
     table = cell.unstack("features").reindex(index=[t for t in tasks if t in set(long["task"])])
     rank = {"img": 0, "gene": 1, "joint": 2, "baseline_pca": 4}
     table = table[sorted(table.columns, key=lambda f: (rank.get(f, 3), f))].fillna("")

@@ -97,6 +97,24 @@ def per_donor_tables(
     return tables, notes
 
 
+def parent_shared_work(ref: lineage.LineageRef) -> dict[str, Any] | None:
+    """The study's precomputed work (variants, features) logged on the parent run as
+    ``shared_work.json``, or None when absent or unreadable."""
+    client = lineage.MlflowClient(ref.tracking_uri)
+    try:
+        listed = {a.path for a in lineage.with_retry(
+            lambda: client.list_artifacts(ref.parent_run_id))}
+        if "shared_work.json" not in listed:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            local = lineage.with_retry(
+                lambda: client.download_artifacts(ref.parent_run_id, "shared_work.json", tmp))
+            value = json.loads(Path(local).read_text())
+    except (OSError, ValueError, MlflowException):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _read(path: Path, source: str) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype={"donor": str})

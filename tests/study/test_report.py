@@ -110,9 +110,9 @@ def test_baseline_comparison_aggregates_finished_trials():
     assert list(table.columns) == ["contrastive img", "contrastive gene", "frozen img",
                                    "pca expr"]
     assert table.loc["label bal. acc.", "contrastive img"] == "0.700 ± 0.141"
-    assert table.loc["label bal. acc.", "frozen img"] == "0.500 ± 0.000"
-    assert table.loc["batch mixing iLISI (batches 4)", "contrastive gene"] == "0.600 ± 0.000"
-    assert table.loc["mutation AUROC", "contrastive img"] == "0.812 ± 0.000"
+    assert table.loc["label bal. acc.", "frozen img"] == "0.500"  # the same in every trial
+    assert table.loc["batch mixing iLISI (batches 4)", "contrastive gene"] == "0.600"
+    assert table.loc["mutation AUROC", "contrastive img"] == "0.812"
     assert baseline_comparison([_row(0, {}, {"test/img/label_balanced_accuracy": 0.5})],
                                TASKS).empty
     no_baseline = {k: v for k, v in _probe_metrics(0.6, underpowered=False).items()
@@ -317,8 +317,12 @@ def test_write_report_reads_per_donor_tables_and_logs_to_the_parent(tmp_path):
             client.log_artifact(run_id, str(path), artifact_path="eval")
             path.unlink()
         lineage.finish_run(ref, run_id, "FINISHED")
+    work = {"variants": [{"method": "scvi", "saw_heldout": False, "cache_key": "k1",
+                          "metrics": {}, "info": {"stopped_on_cap": True, "epochs_run": 60,
+                                                  "max_epochs": 60}}]}
+    lineage.log_json_artifact(ref, ref.parent_run_id, work, "shared_work.json")
     cfg = _cfg(**{"preprocess.expression.method": ["none", "harmony"]})
-    out = write_report(ref, study_dir, cfg)
+    out = write_report(ref, study_dir, cfg)  # a re-report: shared work from the parent run
     effects = pd.read_csv(out / "effects.csv")
     assert len(effects) == 1 and effects.loc[0, "level"] == "harmony"
     assert effects.loc[0, "delta"] == pytest.approx(0.1)
@@ -327,3 +331,4 @@ def test_write_report_reads_per_donor_tables_and_logs_to_the_parent(tmp_path):
             "report/leaderboard.csv"} <= logged
     html = (out / "report.html").read_text()
     assert "The encoder" not in html and "higher than reference" in html
+    assert "stopped on its epoch cap (60 of 60 epochs)" in html
