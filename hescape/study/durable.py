@@ -12,13 +12,19 @@ different trials. ``DurableScheduler`` wraps the phase's scheduler (ASHA, or FIF
   that suggested it;
 - saves the inner scheduler and its stop decisions after every result, atomically, and
   loads them when the phase is restored: ASHA's rungs survive, and a trial it stopped is
-  stopped again at its first report after the restore.
+  stopped again at its first report after the restore;
+- keeps a copy of each forced snapshot (``backup_state``): Tune copies its state files into
+  the phase directory in place, so a kill during that copy leaves a truncated file, and
+  ``repair_state`` puts the last complete copy back before the phase is restored.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +113,90 @@ class DurableScheduler(TrialScheduler):
 
 
 def _snapshot(tune_controller: Any) -> None:
-    """Write Tune's experiment state (trials + searcher) now and wait until it is stored."""
+    """Write Tune's experiment state (trials + searcher) now, wait until it is stored in the
+    phase directory, and keep a copy of it there."""
     controller = getattr(tune_controller, "_tune_controller", tune_controller)
     controller.checkpoint(force=True, wait=True)
+    backup_state(Path(controller.experiment_path))
+
+
+# ------------------------------------------------------------- Tune's state files
+# experiment_state / search_gen_state / searcher-state / basic-variant-state /
+# callback-states, one set per driver session, named by the session's start time
+_STATE = re.compile(r"^(experiment_state|search_gen_state|searcher-state|basic-variant-state|"
+                    r"callback-states)-(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)\.(json|pkl)$")
+BACKUP = ".hescape_state"
+
+
+def _newest_session(phase: Path) -> list[Path]:
+    """The state files of the newest session in ``phase`` (the ones Tune restores from)."""
+    found = [(m.group(2), p) for p in phase.iterdir() if (m := _STATE.match(p.name))]
+    if not found:
+        return []
+    newest = max(session for session, _ in found)
+    return [p for session, p in found if session == newest]
+
+
+def _readable(path: Path) -> bool:
+    """Whether ``path`` loads (Tune writes some ``.json`` state files as pickles)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    for load in (json.loads, pickle.loads):
+        try:
+            load(data)
+        except Exception:  # noqa: BLE001, S112 - truncated file, other format: try the next
+            continue
+        return True
+    return False
+
+
+def backup_state(phase: Path) -> None:
+    """Copy the newest complete set of state files to ``phase/.hescape_state/<n>`` and point
+    ``current`` at it (atomically), so a half-copied set is never the current backup."""
+    files = _newest_session(phase)
+    if not files or not all(_readable(p) for p in files):
+        return
+    root = phase / BACKUP
+    root.mkdir(exist_ok=True)
+    current = _current(root)
+    target = root / str(int(current.name) + 1 if current is not None else 0)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    for path in files:
+        shutil.copy2(path, target / path.name)
+    tmp = root / "current.tmp"
+    tmp.write_text(target.name)
+    os.replace(tmp, root / "current")
+    if current is not None:
+        shutil.rmtree(current, ignore_errors=True)
+
+
+def _current(root: Path) -> Path | None:
+    try:
+        path = root / (root / "current").read_text().strip()
+    except OSError:
+        return None
+    return path if path.is_dir() else None
+
+
+def repair_state(phase: Path) -> bool:
+    """Before a restore: if the newest session's state files are not all readable (the driver
+    died while Tune copied them), drop them and put the last backup in their place. True if
+    a repair was needed."""
+    files = _newest_session(phase)
+    if all(_readable(p) for p in files):
+        return False
+    backup = _current(phase / BACKUP)
+    if backup is None:
+        raise RuntimeError(f"{phase}: Tune's state files {[p.name for p in files]} are cut short "
+                           "and there is no complete copy to restore from; start the study "
+                           "again with --overwrite")
+    for path in files:
+        path.unlink()
+    for path in backup.iterdir():
+        tmp = phase / f".{path.name}.tmp"
+        shutil.copy2(path, tmp)
+        os.replace(tmp, phase / path.name)
+    return True

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +92,9 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
     prepared = _prepared(cfg)
     run_id = lineage.open_child(ref, trial_id, existing=existing, name=name[:250],
                                 tags=_trial_tags(shared, cfg, params, prepared))
+    if existing is not None and "hescape.error" in existing.data.tags:  # running again
+        client = lineage.MlflowClient(ref.tracking_uri)
+        lineage.with_retry(lambda: client.delete_tag(run_id, "hescape.error"))
     logged = int((existing.data.metrics if existing is not None else {}).get("step", 0))
     trial = _Trial(cfg, ref, run_id, run_dir, shared.phase, shared.verbose, required, logged)
     try:
@@ -170,7 +172,6 @@ class _Trial:
 def _train_and_evaluate(trial: _Trial, prepared: Any) -> dict[str, Any]:
     """Train what remains, evaluate the best checkpoint unless already logged; the final
     report (last training report + evaluation)."""
-    from ray import tune
 
     from hescape.train import fit
     from hescape.train.inputs import prepared_entry_path
@@ -183,11 +184,9 @@ def _train_and_evaluate(trial: _Trial, prepared: Any) -> dict[str, Any]:
         _report_resumed(trial, progress)
     if progress.training_done:
         fitted = progress.fit_result()
-    else:
-        resume = tune.get_checkpoint()
+    else:  # fit resumes from the newest checkpoint in its run directory
         fitted = fit(cfg, run_dir=trial.run_dir / "train", verbose=trial.verbose,
-                     report_callback=lambda m, c: _report_training(trial, m, c),
-                     resume_from=resume.to_directory() if resume is not None else None,
+                     report_callback=lambda m, c: _report_training(trial, m),
                      prepared_path=prepared_entry_path(cfg, prepared))
     last = fitted.metrics or progress.metrics
     evaluated = progress.evaluation
@@ -196,21 +195,17 @@ def _train_and_evaluate(trial: _Trial, prepared: Any) -> dict[str, Any]:
     return final_report(last, evaluated)
 
 
-def _report_training(trial: _Trial, metrics: dict[str, Any],
-                     checkpoint: str | os.PathLike | None) -> None:
-    """A training report: to MLflow at its step, then to Tune (with the checkpoint)."""
+def _report_training(trial: _Trial, metrics: dict[str, Any]) -> None:
+    """A training report: to MLflow at its step, then to Tune. Checkpoints stay in the
+    trial's directory (``trials/<id>/train``), where a restored trial finds them; Tune gets
+    none (a second copy of each, and its restore point can lag the newest one)."""
     from ray import tune
-    from ray.tune import Checkpoint
 
     clean = finite_metrics(metrics)
     step = int(metrics.get("step", 0))
     trial.log(clean, step)
-    report = checked(clean, trial.required, kind=TRAIN)
-    if checkpoint is not None:
-        tune.report(report, checkpoint=Checkpoint.from_directory(str(checkpoint)))
-    else:
-        tune.report(report)
     maybe_kill_driver("report", step=step, phase=trial.phase)  # tests only (HESCAPE_FAULT_*)
+    tune.report(checked(clean, trial.required, kind=TRAIN))
 
 
 def _report_resumed(trial: _Trial, progress: TrialProgress) -> None:

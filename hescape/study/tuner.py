@@ -13,7 +13,7 @@ from typing import Any
 
 from hescape.config import StudyConfig
 from hescape.study.callbacks import ConsoleProgress, MlflowCloser
-from hescape.study.durable import DurableScheduler
+from hescape.study.durable import DurableScheduler, repair_state
 from hescape.study.reporting import TIME_ATTR, objectives, scheduler_metric
 from hescape.study.resources import TrialResources
 from hescape.study.space import SEED_KEY, define_by_run, grid_points, with_seeds
@@ -94,7 +94,6 @@ def _run_config(cfg: StudyConfig, shared: SharedContext, phase: str):
         storage_path=str(Path(shared.study_dir) / "tune"),
         callbacks=[MlflowCloser(shared.lineage), progress],
         failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         verbose=1 if shared.verbose else 0,  # --verbose: Tune's status tables
     )
 
@@ -145,6 +144,9 @@ def restore_tuner(
     path = phase_dir(shared, phase)
     if not tune.Tuner.can_restore(str(path)):
         return build_tuner(cfg, shared, res, concurrency, phase, points=points)
+    if repair_state(path):
+        print(f"[study] {phase}: Tune's last state files were cut short by the interruption; "
+              "restored from the copy of the last complete one", flush=True)
     tuner = tune.Tuner.restore(
         str(path), trainable=_trainable(cfg, shared, res),
         resume_unfinished=True, resume_errored=False, restart_errored=False,

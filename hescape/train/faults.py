@@ -104,11 +104,12 @@ def maybe_kill_driver(point: str, *, step: int | None = None, phase: str | None 
     ``HESCAPE_FAULT_KILL_DRIVER_AT`` names it.
 
     The value is ``<point>[:<step>][@<phase>]``: ``point`` one of ``precompute`` (driver,
-    after the first preprocessing variant), ``report`` (a trial, right after Tune accepted
-    its training report at a step >= ``step``), ``evaluating`` (a trial, evaluation computed,
-    nothing logged), ``evaluated`` (a trial, evaluation logged, run not closed) or
-    ``study_report`` (driver, every trial done, report not written); ``phase`` (``search`` /
-    ``seeds``) restricts trial points to one phase. ``HESCAPE_FAULT_MARKER`` makes it once.
+    after ``step`` preprocessing variants), ``report`` (a trial, at its training report of a
+    step >= ``step``: checkpoint written and logged to MLflow, Tune not told yet),
+    ``evaluating`` (a trial, evaluation computed, nothing logged), ``evaluated`` (a trial,
+    evaluation logged, run not closed) or ``study_report`` (driver, every trial done, report
+    not written); ``phase`` (``search`` / ``seeds``) restricts trial points to one phase.
+    ``HESCAPE_FAULT_MARKER`` makes it happen once.
     """
     spec = os.environ.get(KILL_DRIVER_AT)
     if not spec or not _driver_point_matches(spec, point, step, phase):

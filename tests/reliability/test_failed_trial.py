@@ -39,3 +39,9 @@ def test_nan_trial_fails_and_study_continues(tmp_path):
     assert bad.data.metrics.get("step", 0) < 12  # stopped early, budget not wasted
     assert good.info.status == "FINISHED" and "test/r5_img2gene" in good.data.metrics
     assert client.get_run(parent).info.status == "FINISHED"
+    # the console: one line per trial event, the failure with its reason, no Tune tables
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("[search ")]
+    assert any("failed: " in ln and "non-finite loss at step" in ln for ln in lines), lines
+    assert any("finished at step 12: val/r5_img2gene" in ln for ln in lines), lines
+    assert sum("started: " in ln for ln in lines) == 2
+    assert "Trial status" not in out.stdout and "== Status ==" not in out.stdout

@@ -131,3 +131,75 @@ def test_resume_after_driver_is_killed(tmp_path):
             assert r.data.tags.get("hescape.reattached") is None
     assert client.get_run(parent).info.status == "FINISHED"
     assert "hescape.resumed_at" in client.get_run(parent).data.tags
+
+
+class _Reads(dict):
+    """A result dict that records which keys its reader looked at."""
+
+    log: list[str] = []  # keys read, in order
+    offered: dict[str, float] = {}  # every metric the readers could have read
+
+    def __getitem__(self, key):
+        _Reads.log.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        _Reads.log.append(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        _Reads.log.append(key)
+        return super().__contains__(key)
+
+
+def _recording(method, position: int):
+    def wrapper(*args, **kwargs):
+        args = list(args)
+        if len(args) > position and isinstance(args[position], dict):
+            _Reads.offered.update(args[position])
+            args[position] = _Reads(args[position])
+        elif isinstance(kwargs.get("result"), dict):
+            _Reads.offered.update(kwargs["result"])
+            kwargs["result"] = _Reads(kwargs["result"])
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
+def test_selection_never_reads_a_test_metric(tmp_path, ray_local, monkeypatch):
+    """A TPE + ASHA + seeds study that leaves ``objectives`` out: the searcher, the scheduler
+    and the seed phase's top-k selection read validation metrics only, although every
+    trial's closing report (and its MLflow run) holds the test metrics (issue 12 item 1)."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    import hescape.study.report  # noqa: F401 - bound before the patch: the report may read test/
+    from hescape.study import results
+    from hescape.study.driver import run_study
+
+    _Reads.log, _Reads.offered = [], {}
+    for cls, name, position in ((OptunaSearch, "on_trial_result", 2),
+                                (OptunaSearch, "on_trial_complete", 2),
+                                (AsyncHyperBandScheduler, "on_trial_result", 3),
+                                (AsyncHyperBandScheduler, "on_trial_complete", 3)):
+        monkeypatch.setattr(cls, name, _recording(getattr(cls, name), position))
+    table = results.trial_table
+
+    def recorded_table(*args, **kwargs):
+        rows = table(*args, **kwargs)
+        for row in rows:
+            _Reads.offered.update(row["metrics"])
+            row["metrics"] = _Reads(row["metrics"])
+        return rows
+
+    monkeypatch.setattr(results, "trial_table", recorded_table)
+    cfg = load_config(TINY, [f"storage_dir={tmp_path}", "sweep.searcher=tpe",
+                             "sweep.scheduler=asha", "sweep.num_samples=2", "sweep.seeds=2",
+                             "sweep.seed_top_k=1", "sweep.max_concurrent=1"])
+    assert "objectives" not in cfg.sweep.model_fields_set  # the default applies
+    run_study(cfg, source=str(TINY), progress=False)
+    _, _, children = _children(tmp_path, "tiny")
+    assert {r.data.tags["hescape.phase"] for r in children} == {"search", "seeds"}
+    assert any(k.startswith("test/") for k in _Reads.offered)  # test metrics were at hand
+    assert "val/r5_img2gene" in _Reads.log  # the readers were recorded
+    assert not [k for k in _Reads.log if k.startswith("test/")], sorted(set(_Reads.log))
