@@ -21,8 +21,8 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.5em auto
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
 h3{font-size:1.05em}
 table{border-collapse:collapse;margin:.6em 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;vertical-align:top}
-th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f2f2f2}
 code{background:#f4f4f4;padding:0 3px;border-radius:3px;font-size:90%}
 pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:12px}
 .warning{background:#fff4e0;border-left:4px solid #e69500;padding:.4em .8em;margin:.6em 0}

@@ -258,20 +258,20 @@ def _difference(level, ref, stats, col, rng, paired: bool, draw: bool) -> np.nda
 
 
 def _design(level: Sequence[Trial], ref: Sequence[Trial], paired: bool) -> str:
+    """How the comparison was resampled, in a few words (the report explains the terms)."""
     if paired:
         blocks = _matched_blocks(level, ref)
         left = sum(t.block not in blocks for t in (*level, *ref))
-        return (f"paired: {len(blocks)} block(s) matched on seed and the other factors"
+        return (f"paired, {len(blocks)} block(s) matched on seed + other factors"
                 + (f"; {left} unmatched trial(s) left out" if left else ""))
     n_l, n_r = len(_groups(level, "config")), len(_groups(ref, "config"))
-    text = f"unpaired: {n_l} vs {n_r} configuration(s), marginal over the other factors"
+    text = f"unpaired, {n_l} vs {n_r} config(s)"
     if any(len(ix) > 1 for ix in _groups([*level, *ref], "config").values()):
-        text += "; seeds resampled within configuration"
+        text += "; seeds resampled"
     single = [name for name, side in (("level", level), ("reference", ref)) if len(side) == 1]
     if single:
-        who = "both sides are single trials" if len(single) == 2 else f"the {single[0]} is a " \
-            "single trial"
-        text += f"; {who}: the CI omits training-seed variation"
+        who = "both sides are" if len(single) == 2 else f"{single[0]} is"
+        text += f"; {who} 1 trial: seed variation not in the CI"
     return text
 
 

@@ -48,7 +48,7 @@ def test_known_difference_excludes_zero():
     assert eff.delta == pytest.approx(0.1, abs=0.02)
     assert 0 < eff.low < eff.delta < eff.high
     assert eff.verdict == "higher than reference" and eff.n_donors == 10
-    assert "both sides are single trials: the CI omits training-seed variation" in eff.design
+    assert "both sides are 1 trial: seed variation not in the CI" in eff.design
 
 
 def test_pure_noise_is_not_distinguishable_at_about_the_nominal_rate():
@@ -92,7 +92,7 @@ def test_pairing_by_seed_narrows_the_ci_when_seed_effects_are_shared():
     vals, wts = donor_matrix(tables, METRIC)
     paired = compare(trials["b"], trials["a"], vals, wts, BootstrapSettings())
     unpaired = compare(trials["b"], trials["a"], vals, wts, BootstrapSettings(pairing="none"))
-    assert paired.design.startswith("paired: 5 block(s)")
+    assert paired.design.startswith("paired, 5 block(s)")
     assert unpaired.design.startswith("unpaired") and "seeds resampled" in unpaired.design
     assert paired.delta == pytest.approx(unpaired.delta)
     assert (paired.high - paired.low) < 0.5 * (unpaired.high - unpaired.low)
@@ -146,7 +146,7 @@ def test_factor_effects_on_a_grid_match_the_other_factor_and_use_the_base_refere
     assert method.loc["harmony", "delta"] == pytest.approx(0.05, abs=0.01)
     assert method.loc["harmony", "verdict"] == "higher than reference"
     assert method.loc["combat", "verdict"] == NOT_DISTINGUISHABLE
-    assert method.loc["harmony", "design"].startswith("paired: 6 block(s)")
+    assert method.loc["harmony", "design"].startswith("paired, 6 block(s)")
     assert method.loc["harmony", "trials"] == "6 vs 6"
     enc = out[out["factor"] == "enc"].iloc[0]
     assert (enc["level"], enc["reference"]) == ("transformer", "mlp")
