@@ -196,29 +196,31 @@ def preprocessing_warnings(rows: Sequence[dict[str, Any]], shared_work: dict | N
     the precomputed variants' ``info`` and the trials' ``hescape.preprocess_converged`` tag."""
     out = []
     for v in (shared_work or {}).get("variants", []):
-        reason = _unconverged(v.get("info") or {})
+        reason = _unconverged(v.get("info") or {}, str(v.get("method")))
         if reason:
             out.append(f"Preprocessing variant `{v.get('method')}` "
                        f"(`{str(v.get('cache_key', ''))[:12]}`) {reason}")
     flagged: dict[str, list[str]] = {}
     for r in rows:
         if str(r.get("preprocess_converged", "")).lower() == "false":
-            reason = _unconverged(r.get("preprocess_info") or {}) or "did not converge."
+            reason = (_unconverged(r.get("preprocess_info") or {}, str(r.get("preprocess")))
+                      or "did not converge.")
             flagged.setdefault(f"`{r.get('preprocess', '?')}` {reason}", []).append(r["trial_id"])
     out += [f"Trials {', '.join(f'`{t}`' for t in tids)}: preprocessing {reason}"
             for reason, tids in flagged.items()]
     return out
 
 
-def _unconverged(info: dict[str, Any]) -> str | None:
+def _unconverged(info: dict[str, Any], method: str) -> str | None:
     if info.get("stopped_on_cap"):
         return (f"stopped on its epoch cap ({info.get('epochs_run', '?')} of "
                 f"{info.get('max_epochs', '?')} epochs) before early stopping fired: it may not "
                 "have converged, so comparing it with converged corrections is unfair. Raise "
                 "`preprocess.expression.scvi.max_epochs` (null = scvi-tools' own rule).")
     if info.get("converged") is False:
-        return ("did not converge within its iteration limit (Harmony): its corrected space "
-                "is not a finished correction.")
+        what = "Harmony" if method == "harmony" else "it"
+        return (f"did not converge ({what} hit its iteration limit): its corrected space is "
+                "not a finished correction, so comparing it with converged ones is unfair.")
     return None
 
 
