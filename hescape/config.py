@@ -153,6 +153,9 @@ class TrainConfig(Strict):
         True, description="1 worker, no GPU: run the loop in the trial process (no worker group)"
     )
     feature_cache: bool = True
+    feature_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of the frozen-encoder feature cache; float16 halves its "
+        "disk and page-cache size (measured: docs/benchmarks.md, panel scaling)")
     loader_workers: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast anywhere")

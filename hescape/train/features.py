@@ -2,7 +2,9 @@
 
 Key: (``encoder.feature_key()`` - architecture, weights, input size, normalisation -,
 dataset fingerprint, stain normalisation [+ training donors when the normaliser is fitted
-on them]). File: ``<storage_dir>/cache/features/<key>.npy`` (float32, N x D, obs order)
+on them], ``train.feature_dtype`` when not float32). File:
+``<storage_dir>/cache/features/<key>.npy`` (float32 or float16, N x D, obs order; every
+reader converts rows to float32)
 plus ``<key>.json`` (provenance). Written to a temp file and renamed under a ``filelock``,
 so two processes asking at once compute once.
 
@@ -48,10 +50,13 @@ def frozen_image_encoder(cfg: StudyConfig) -> torch.nn.Module:
 
 
 def feature_cache_key(encoder: Any, fingerprint: str, stain_norm: str,
-                      train_donors: list[str] | None = None) -> str:
-    """Cache key of the features of ``encoder`` on a dataset (content ``fingerprint``)."""
+                      train_donors: list[str] | None = None, dtype: str = "float32") -> str:
+    """Cache key of the features of ``encoder`` on a dataset (content ``fingerprint``),
+    stored as ``dtype``."""
     spec = {"encoder": encoder.feature_key(), "data": fingerprint, "stain_norm": stain_norm,
             "stain_ref": sorted(train_donors) if stain_norm != "none" and train_donors else None}
+    if dtype != "float32":  # float32 keys stay what they were before the option existed
+        spec["dtype"] = dtype
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return f"{encoder.feature_key()}-{digest}"
 
@@ -101,7 +106,9 @@ def cached_features(
 
     encoder = encoder if encoder is not None else frozen_image_encoder(cfg)
     stain_norm = cfg.preprocess.image.stain_norm
-    key = feature_cache_key(encoder, paired.fingerprint, stain_norm, paired.split.get("train"))
+    dtype = cfg.train.feature_dtype
+    key = feature_cache_key(encoder, paired.fingerprint, stain_norm, paired.split.get("train"),
+                            dtype)
     path = feature_cache_path(cfg.storage_dir, key)
     if path.is_file():
         return path
@@ -112,14 +119,14 @@ def cached_features(
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.npy")
         shape = (len(paired.patches), int(encoder.out_dim))
         try:  # streamed to the file: memory stays one batch whatever the number of patches
-            with NpyRowWriter(tmp, shape, np.float32) as rows:
+            with NpyRowWriter(tmp, shape, dtype) as rows:
                 encode_patches(encoder, paired.patches, batch_size=batch_size, device=device,
                                stain=stain, progress=progress, out=rows)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         meta = {"feature_key": encoder.feature_key(), "fingerprint": paired.fingerprint,
-                "stain_norm": stain_norm, "shape": list(shape)}
+                "stain_norm": stain_norm, "shape": list(shape), "dtype": dtype}
         path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
         os.replace(tmp, path)
     return path
