@@ -191,9 +191,17 @@ class EvalConfig(Strict):
     probe_top_genes: int = Field(50, ge=1)
     probe_pca: int = Field(256, ge=1)
     probe_alpha: float = Field(1.0, gt=0.0)
+    probe_protocol: Literal["both", "hest", "per_donor"] = Field(
+        "both", description="expression probe: HEST-Benchmark's recipe, the per-donor ridge, or both"
+    )
     bleep_k: int = Field(10, ge=1)
     mixing_subsample: int = Field(5000, ge=100)
-    min_donors_for_claim: int = Field(5, ge=2)
+    mutation_min_donors_per_class: int = Field(10, ge=2)
+    mutation_cv_folds: int = Field(5, ge=2)
+    mutation_permutations: int = Field(200, ge=1, description="exact when fewer labelings")
+    mutation_bootstrap: int = Field(200, ge=1, description="donor resamples, each a CV refit")
+    fixed_gallery: int = Field(1000, ge=2, description="held-out spots per retrieval gallery")
+    fixed_gallery_draws: int = Field(5, ge=1)
     baselines: bool = True
     plots: bool = True
     seed: int = 0

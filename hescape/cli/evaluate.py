@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
-
-HEADLINE = (
-    "r1_img2gene", "r5_img2gene", "r10_img2gene", "r5_gene2img", "inbatch64_r5_img2gene",
-    "probe_pearson_mean", "bleep_pearson_mean", "label_balanced_accuracy",
-    "mutation_auroc_pooled", "mutation_n_donors", "img_ilisi", "gene_ilisi", "joint_nmi",
-)  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hescape.evaluate.checkpoint_eval import evaluate_checkpoint, resolve_checkpoint
+    from hescape.evaluate.probe_spec import headline_keys
 
     ckpt = resolve_checkpoint(args.checkpoint, tracking_uri=args.tracking_uri)
     out = args.out or Path("runs") / "evaluate" / f"{ckpt.name}__{Path(args.dataset).name}"
@@ -52,10 +48,15 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, progress=not args.quiet,
     )  # fmt: skip
     print(f"evaluated {ckpt} on {args.dataset} ({args.part} rows)")
-    for name in HEADLINE:
-        value = metrics.get(f"{args.part}/{name}")
+    for key in headline_keys(args.part):  # the probe registry's headline figures
+        value = metrics.get(key)
         if value is not None and not math.isnan(value):
-            print(f"  {name:<28} {value:.4f}")
+            print(f"  {key.removeprefix(args.part + '/'):<36} {value:.4f}")
+    notes = json.loads(artifacts["probe_notes"].read_text())
+    if notes:
+        print("notes:")
+        for probe, reason in notes.items():
+            print(f"  {probe}: {reason}")
     print(f"{len(metrics)} metrics -> {artifacts['metrics']}")
     print(f"artifacts in {out}")
     return 0

@@ -1,4 +1,5 @@
-"""Evaluation: whole-set retrieval, probes, batch-mixing metrics, baselines, plots, pipeline.
+"""Evaluation: retrieval, probes (a registry: ``probe_spec.PROBES``), batch mixing, baselines,
+plots, pipeline.
 
 Names are imported lazily so ``import hescape.evaluate`` stays cheap (no torch, no umap).
 """
@@ -12,10 +13,16 @@ _EXPORTS = {
     "cross_modal_retrieval": "retrieval",
     "rank_of_true": "retrieval",
     "topk_blocked": "retrieval",
-    "expression_probe": "probes",
+    "fixed_gallery_retrieval": "retrieval",
+    "ridge_per_donor_probe": "probes",
     "retrieval_expression_probe": "probes",
-    "mutation_probe": "probes",
     "label_probe": "probes",
+    "hest_probe": "hest",
+    "mutation_probe": "mutation",
+    "EvalData": "probe_spec",
+    "PROBES": "probe_spec",
+    "probe_specs": "probe_spec",
+    "register_probe": "probe_spec",
     "mixing_metrics": "mixing",
     "evaluate_embeddings": "pipeline",
     "evaluate_checkpoint": "checkpoint_eval",

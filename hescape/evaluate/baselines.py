@@ -1,9 +1,11 @@
-"""Baselines run through the same probes: frozen image-encoder features and PCA of expression.
+"""Baselines and the comparison table: frozen image-encoder features and PCA of expression.
 
-The comparison table answers, per task, whether contrastive training helped: HESCAPE reports
-that it helps mutation classification but hurts expression prediction. PCA of expression is
-fit on the training rows only; it gets no expression probe (predicting expression from
-expression is not a comparison).
+Baselines are feature sets like the trained embeddings (``pipeline.feature_sets``), so every
+registered probe runs on them with the same protocol. The comparison table answers, per
+task, whether contrastive training helped: HESCAPE reports that it helps mutation
+classification but hurts expression prediction. PCA of expression is fit on the training
+rows only; probes that predict expression skip it (predicting expression from expression is
+not a comparison). Task rows come from the probe registry (``ProbeSpec.tasks``).
 """
 
 from __future__ import annotations
@@ -14,32 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.decomposition import PCA
 
-from hescape.evaluate.suite import EvalData, probe_suite
-
 PCA_COMPONENTS = 30
-
-# task -> (key of the contrastive image / gene embedding, key suffix shared by baselines)
-TASKS: dict[str, tuple[str, str, str]] = {
-    "expression pearson": ("probe_pearson_mean", "", "probe_pearson_mean"),
-    "label bal. acc.": (
-        "label_balanced_accuracy",
-        "gene_label_balanced_accuracy",
-        "label_balanced_accuracy",
-    ),
-    "label macro F1": ("label_macro_f1", "gene_label_macro_f1", "label_macro_f1"),
-    "mutation AUROC": (
-        "mutation_auroc_pooled",
-        "gene_mutation_auroc_pooled",
-        "mutation_auroc_pooled",
-    ),
-    "mutation bal. acc.": (
-        "mutation_balanced_accuracy_pooled",
-        "gene_mutation_balanced_accuracy_pooled",
-        "mutation_balanced_accuracy_pooled",
-    ),
-    "batch mixing iLISI": ("img_ilisi", "gene_ilisi", "ilisi"),
-    "bio NMI": ("img_nmi", "gene_nmi", "nmi"),
-}
 
 
 def pca_expression(expr_log: np.ndarray, train_idx: np.ndarray, *, seed: int = 0) -> np.ndarray:
@@ -50,7 +27,7 @@ def pca_expression(expr_log: np.ndarray, train_idx: np.ndarray, *, seed: int = 0
 
 
 def as_baselines(features: np.ndarray | Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-    """Normalise ``baseline_features``: one array means the frozen image features."""
+    """Normalise baseline image features: one array means the frozen image encoder's."""
     if features is None:
         return {}
     if isinstance(features, Mapping):
@@ -58,49 +35,31 @@ def as_baselines(features: np.ndarray | Mapping[str, np.ndarray] | None) -> dict
     return {"frozen": np.asarray(features)}
 
 
-def run_baselines(
-    data: EvalData, image_features: np.ndarray | Mapping[str, np.ndarray] | None
-) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
-    """Probe each image-feature baseline (with expression probe) and PCA of expression.
-
-    Keys: ``baseline_{name}_{probe key}`` and ``baseline_{name}_{mixing key}``.
-    """
-    metrics: dict[str, float] = {}
-    tables: dict[str, pd.DataFrame] = {}
-    n = len(data.obs)
-    for name, feats in as_baselines(image_features).items():
-        if len(feats) != n:
-            raise ValueError(f"baseline {name!r}: {len(feats)} rows, expected {n} (obs order)")
-        p = f"baseline_{name}_"
-        m, table = probe_suite(feats, data, prefix=p, mix_prefix=p, expression=True)
-        metrics.update(m)
-        if table is not None:
-            tables[name] = table
-    if data.expr_log is not None:
-        feats = pca_expression(data.expr_log, data.train_idx, seed=data.cfg.seed)
-        m, _ = probe_suite(
-            feats, data, prefix="baseline_pca_", mix_prefix="baseline_pca_", expression=False
-        )
-        metrics.update(m)
-    return metrics, tables
+def comparison_columns(metrics: Mapping[str, float]) -> dict[str, str]:
+    """``{feature set: column}`` present in ``metrics`` (keys ``[{split}/]{features}/{metric}``):
+    ``img`` -> contrastive_img, ``gene`` -> contrastive_gene, ``baseline_{name}`` ->
+    ``{name}_img``, ``baseline_pca`` -> pca_expr (last)."""
+    sets = {k.split("/")[-2] for k in metrics if k.count("/") >= 1}
+    cols = {"img": "contrastive_img", "gene": "contrastive_gene"}
+    out = {s: c for s, c in cols.items() if s in sets}
+    images = sorted(s for s in sets if s.startswith("baseline_") and s != "baseline_pca")
+    out.update({s: f"{s.removeprefix('baseline_')}_img" for s in images})
+    if "baseline_pca" in sets:
+        out["baseline_pca"] = "pca_expr"
+    return out
 
 
-def comparison_table(metrics: Mapping[str, float], baseline_names: list[str]) -> pd.DataFrame:
-    """Tasks x feature sets (contrastive img / gene, each baseline, PCA); NaN = not applicable."""
-    columns = ["contrastive_img", "contrastive_gene"] + [f"{b}_img" for b in baseline_names]
-    columns.append("pca_expr")
-    rows = {}
-    for task, (img_key, gene_key, suffix) in TASKS.items():
-        values = [
-            metrics.get(img_key, np.nan),
-            metrics.get(gene_key, np.nan) if gene_key else np.nan,
-        ]
-        values += [metrics.get(f"baseline_{b}_{suffix}", np.nan) for b in baseline_names]
-        values.append(
-            np.nan
-            if task == "expression pearson"
-            else metrics.get(f"baseline_pca_{suffix}", np.nan)
-        )
-        rows[task] = values
-    table = pd.DataFrame.from_dict(rows, orient="index", columns=columns, dtype=float)
+def comparison_table(metrics: Mapping[str, float]) -> pd.DataFrame:
+    """Tasks (registry) x feature sets; NaN = not applicable. ``metrics`` keys may carry a
+    ``{split}/`` prefix only if all do (e.g. the report strips ``test/`` first)."""
+    from hescape.evaluate.probe_spec import comparison_tasks
+
+    columns = comparison_columns(metrics)
+    if not columns:
+        return pd.DataFrame()
+    lookup = {tuple(k.split("/")[-2:]): v for k, v in metrics.items() if k.count("/") >= 1}
+    rows = {task: [lookup.get((fs, metric), np.nan) for fs in columns]
+            for task, metric in comparison_tasks().items()}  # fmt: skip
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=list(columns.values()),
+                                   dtype=float)  # fmt: skip
     return table.dropna(how="all")

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 
 from hescape.config import EvalConfig, StudyConfig
+from hescape.evaluate.baselines import as_baselines
 from hescape.evaluate.pipeline import evaluate_embeddings
+from hescape.evaluate.probe_spec import EvalData
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 CHUNK = 4096  # rows per progress-bar step
@@ -133,10 +135,11 @@ def frozen_features(cfg: StudyConfig, paired, rows, *, stain, device, batch_size
                           device=device, stain=stain, progress=progress)  # fmt: skip
 
 
-def _expression(cfg: StudyConfig, meta: dict, paired) -> tuple[Any, Any, list[str] | None]:
-    """(model input, log-normalised expression, gene names), or Nones for image-only data."""
+def _expression(cfg: StudyConfig, meta: dict, paired) -> tuple[Any, Any, Any, list[str] | None]:
+    """(model input, log-normalised expression, raw counts, gene names), or Nones for
+    image-only data."""
     if not paired.manifest.get("has_expression", True) or paired.adata.n_vars == 0:
-        return None, None, None
+        return None, None, None, None
     from hescape.preprocess import normalize_log1p
     from hescape.train.inputs import prepare_expression
 
@@ -147,7 +150,8 @@ def _expression(cfg: StudyConfig, meta: dict, paired) -> tuple[Any, Any, list[st
             "the dataset's prepared expression features differ from the checkpoint's "
             f"({len(prepared.feature_names)} vs {len(want)}): different gene panel or preprocessing"
         )
-    return prepared.X, normalize_log1p(paired.adata), list(map(str, paired.adata.var_names))
+    names = list(map(str, paired.adata.var_names))
+    return prepared.X, normalize_log1p(paired.adata), paired.adata.X, names
 
 
 def eval_config(base: EvalConfig, overrides: list[str]) -> EvalConfig:
@@ -198,7 +202,7 @@ def evaluate_checkpoint(
     if not len(train) or not len(test):
         raise ValueError(f"{dataset}: split needs train and {test_part!r} donors ({paired.split})")
     rows = np.union1d(train, test)
-    gene_x, expr_log, gene_names = _expression(cfg, meta, paired)
+    gene_x, expr_log, counts, gene_names = _expression(cfg, meta, paired)
     stain = fit_stain(cfg, paired)
     kw = dict(stain=stain, device=device, batch_size=batch_size, progress=progress)
     cached = training_features(model, meta, paired)  # frozen backbone: encoded once per study
@@ -208,16 +212,16 @@ def evaluate_checkpoint(
     if ecfg.baselines:
         baseline = (np.asarray(cached[rows], dtype=np.float32) if cached is not None
                     else frozen_features(cfg, paired, rows, **kw))
-    obs = paired.adata.obs.iloc[rows]
-    metrics, arts = evaluate_embeddings(
-        img=emb["img"], gene=emb["gene"], obs=obs,
+    data = EvalData(
+        obs=paired.adata.obs.iloc[rows], img=emb["img"], gene=emb["gene"], cfg=ecfg,
         train_idx=np.searchsorted(rows, train), test_idx=np.searchsorted(rows, test),
-        expr_log=None if expr_log is None else expr_log[rows], gene_names=gene_names, cfg=ecfg,
+        expr_log=None if expr_log is None else expr_log[rows],
+        counts=None if counts is None else counts[rows], gene_names=gene_names,
         label_key=label_key or cfg.data.label_key,
-        mutation_key=mutation_key or cfg.data.mutation_key,
-        out_dir=out_dir, batch_key=cfg.data.batch_key, split=test_part, progress=progress,
-        baseline_features=baseline,
-    )  # fmt: skip
+        mutation_key=mutation_key or cfg.data.mutation_key, batch_key=cfg.data.batch_key,
+        baselines=as_baselines(baseline),
+    )
+    metrics, arts = evaluate_embeddings(data, out_dir=out_dir, split=test_part, progress=progress)
     path = Path(out_dir) / "metrics.json"
     path.write_text(json.dumps(metrics, indent=1, sort_keys=True, allow_nan=True))
     arts["metrics"] = path

@@ -1,24 +1,16 @@
-"""Per-gene Pearson correlation per held-out donor (the HEST-Benchmark reporting protocol).
+"""Per-gene Pearson correlation per held-out donor.
 
-Correlations are computed within each donor and averaged over donors; never on the
-concatenation of donors, where between-donor mean shifts inflate (or deflate) r.
+Correlations are computed within each donor and averaged over donors, so between-donor mean
+shifts cannot inflate (or deflate) r. (HEST-Benchmark instead correlates on the
+concatenated test split: ``hest.py``.)
 A gene that is constant within a donor (in truth or prediction) has no Pearson r there: it
 is skipped and counted, not reported as 0.
 """
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-.]")
-
-
-def safe_key(name: object) -> str:
-    """Make a donor / label value usable inside an MLflow metric name."""
-    return _UNSAFE.sub("_", str(name)) or "_"
 
 
 def pearson_columns(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -46,8 +38,9 @@ def pearson_by_donor(
     """Per-gene Pearson per donor -> (metrics, long per-gene table).
 
     Metrics: ``{prefix}_pearson_mean`` / ``_median`` (mean over donors of the per-donor mean /
-    median over genes), ``{prefix}_pearson_mean_donor_{d}``, ``{prefix}_n_genes``,
-    ``{prefix}_n_donors`` and ``{prefix}_n_skipped_constant`` (gene x donor pairs skipped).
+    median over genes), ``{prefix}_n_genes``, ``{prefix}_n_donors`` and
+    ``{prefix}_n_skipped_constant`` (gene x donor pairs skipped). Per-donor values:
+    ``per_donor_means(table, f"{prefix}_pearson_mean")``.
     """
     donors = np.asarray(donors)
     if len(donors) != len(true):
@@ -62,7 +55,6 @@ def pearson_by_donor(
         mean = float(valid.mean()) if valid.size else float("nan")
         means.append(mean)
         medians.append(float(np.median(valid)) if valid.size else float("nan"))
-        metrics[f"{prefix}_pearson_mean_donor_{safe_key(donor)}"] = mean
         rows.append(
             pd.DataFrame(
                 {"gene": gene_names, "donor": str(donor), "pearson": r, "n_spots": int(mask.sum())}
@@ -74,6 +66,16 @@ def pearson_by_donor(
     metrics[f"{prefix}_n_donors"] = float(len(means))
     metrics[f"{prefix}_n_skipped_constant"] = float(skipped)
     return metrics, pd.concat(rows, ignore_index=True)
+
+
+def per_donor_means(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per-donor mean over genes of a ``pearson_by_donor`` table -> ``metric, donor, value, n``."""
+    rows = []
+    for donor, part in table.groupby("donor", sort=True):
+        r = part["pearson"].to_numpy(dtype=np.float64)
+        value = float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
+        rows.append((metric, str(donor), value, int(part["n_spots"].iloc[0])))
+    return pd.DataFrame(rows, columns=["metric", "donor", "value", "n"])
 
 
 def _nanmean(values: list[float]) -> float:

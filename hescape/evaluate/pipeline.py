@@ -1,35 +1,51 @@
-"""The evaluation pipeline: embeddings in, ``test/...`` metrics and artifacts out.
+"""The evaluation pipeline: one ``EvalData`` in, ``{split}/...`` metrics and artifacts out.
 
-Order: whole-set retrieval on the held-out rows -> expression probes (HEST ridge on the
-image embedding, BLEEP retrieval img -> training gene embedding) -> label / mutation probes
-and batch-mixing for the image, gene and joint embeddings -> baselines (frozen image
-features, PCA of expression) -> artifacts (embeddings.h5ad, tables, PNGs).
+It loops the probe registry (``probe_spec.probe_specs()``): pair probes (retrieval, fixed-
+gallery retrieval, BLEEP) run once on the two towers; feature-set probes run on every
+feature set: ``img``, ``gene``, ``joint`` (L2-normalised concatenation of the normalised
+towers, so its cosine is the mean of theirs) and, with ``eval.baselines``, ``baseline_{name}``
+for each image-feature baseline and ``baseline_pca`` (PCA of expression, fit on the training
+rows). A probe that predicts expression skips feature sets computed from expression.
+Keys: ``{split}/{metric}`` (pair) and ``{split}/{features}/{metric}``.
 
-The joint embedding is the L2-normalised concatenation of the (normalised) image and gene
-embeddings, so its cosine is the mean of the two towers' cosines. The mutation probe uses
-train + test rows with its own donor-grouped CV (mutation labels are per donor, and a
-held-out split usually holds too few donors alone); every other probe fits on ``train_idx``
-and scores ``test_idx``. With ``gene=None`` / ``expr_log=None`` (image-only data) the
-retrieval, expression and gene-side parts are skipped.
+The mutation probe uses train + test rows with its own donor-grouped CV; every other probe
+fits on ``train_idx`` and scores ``test_idx``. Artifacts: embeddings.h5ad (test rows),
+per_donor.csv, probe_notes.json, per_gene_pearson.csv, comparison.csv and PNGs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from hescape.config import EvalConfig
 from hescape.evaluate import plots
-from hescape.evaluate.baselines import as_baselines, comparison_table, run_baselines
-from hescape.evaluate.probes import retrieval_expression_probe
-from hescape.evaluate.retrieval import cross_modal_retrieval, l2_normalize, retrieval_ranks
-from hescape.evaluate.suite import EvalData, probe_suite
+from hescape.evaluate.baselines import comparison_table, pca_expression
+from hescape.evaluate.probe_spec import (
+    PER_DONOR_COLUMNS,
+    EvalData,
+    ProbeResult,
+    ProbeSpec,
+    metric_key,
+    probe_specs,
+)
+from hescape.evaluate.retrieval import l2_normalize
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """One matrix the feature-set probes run on (rows in obs order)."""
+
+    name: str
+    X: np.ndarray
+    from_expression: bool
 
 
 def joint_embedding(img: np.ndarray, gene: np.ndarray | None) -> np.ndarray:
@@ -38,97 +54,92 @@ def joint_embedding(img: np.ndarray, gene: np.ndarray | None) -> np.ndarray:
     return img if gene is None else l2_normalize(np.hstack([img, l2_normalize(gene)]))
 
 
-def _as_index(rows: np.ndarray | Sequence, n: int, name: str) -> np.ndarray:
-    arr = np.asarray(rows)
-    if arr.dtype == bool:
-        if arr.shape != (n,):
-            raise ValueError(f"{name}: boolean mask of length {arr.shape} for {n} rows")
-        return np.flatnonzero(arr)
-    arr = arr.astype(np.int64)
-    if arr.size and (arr.min() < 0 or arr.max() >= n):
-        raise ValueError(f"{name}: indices outside 0..{n - 1}")
-    return arr
-
-
-def _check(img, gene, obs, expr_log, gene_names, batch_key) -> None:
-    n = len(img)
-    if len(obs) != n:
-        raise ValueError(f"obs has {len(obs)} rows but img has {n} (rows must be in obs order)")
-    if gene is not None and np.shape(gene) != np.shape(img):
-        raise ValueError(f"gene embedding shape {np.shape(gene)} != img shape {np.shape(img)}")
-    for col in {"donor", batch_key}:
-        if col not in obs.columns:
-            raise ValueError(f"obs lacks column {col!r}; columns: {list(obs.columns)}")
-    if expr_log is not None:
-        if len(expr_log) != n or gene_names is None or len(gene_names) != np.shape(expr_log)[1]:
-            raise ValueError(
-                f"expr_log {np.shape(expr_log)} must be N x G with N = {n} and G = len(gene_names)"
-            )
-
-
-Step = Callable[[], tuple[dict[str, float], dict[str, pd.DataFrame], dict[str, np.ndarray]]]
-
-
-def _retrieval(img, gene, data: EvalData):
-    te, cfg = data.test_idx, data.cfg
-    ranks = retrieval_ranks(img[te], gene[te], cfg.block_size)
-    m = cross_modal_retrieval(
-        img[te],
-        gene[te],
-        donors=data.obs["donor"].to_numpy()[te],
-        ks=cfg.ks,
-        block_size=cfg.block_size,
-        inbatch_size=cfg.inbatch_size,
-        inbatch_repeats=cfg.inbatch_repeats,
-        seed=cfg.seed,
-        precomputed_ranks=ranks,
-    )
-    return m, {}, ranks
-
-
-def _bleep(img, gene, data: EvalData):
-    tr, te, cfg = data.train_idx, data.test_idx, data.cfg
-    m, table = retrieval_expression_probe(
-        gene[tr],
-        data.expr_log[tr],
-        img[te],
-        data.expr_log[te],
-        test_donors=data.obs["donor"].to_numpy()[te],
-        gene_names=data.gene_names,
-        k=cfg.bleep_k,
-        n_top=cfg.probe_top_genes,
-        block_size=cfg.block_size,
-    )
-    return m, {"bleep": table}, {}
-
-
-def _suite(feats, data: EvalData, name: str):
-    primary = name == "img"  # the image embedding's probe keys are unprefixed (probe_*, label_*)
-    m, table = probe_suite(
-        feats, data, prefix="" if primary else f"{name}_", mix_prefix=f"{name}_", expression=primary
-    )
-    return m, ({"contrastive": table} if table is not None else {}), {}
-
-
-def _baselines(data: EvalData, features):
-    m, tables = run_baselines(data, features)
-    return m, {f"baseline_{k}": t for k, t in tables.items()}, {}
-
-
-def _steps(embs: dict, data: EvalData, features) -> dict[str, Step]:
-    """The evaluation steps that apply to this data, as thunks (run under a progress bar)."""
-    img, gene = embs["img"], embs["gene"]
-    steps: dict[str, Step] = {}
-    if gene is not None and len(data.test_idx) >= 2:
-        steps["retrieval"] = lambda: _retrieval(img, gene, data)
+def feature_sets(data: EvalData) -> list[FeatureSet]:
+    """The trained embeddings, then (with ``eval.baselines``) the baselines."""
+    sets = [FeatureSet("img", data.img, False)]
+    if data.gene is not None:
+        sets += [FeatureSet("gene", data.gene, True),
+                 FeatureSet("joint", joint_embedding(data.img, data.gene), True)]  # fmt: skip
+    if data.cfg.baselines:
+        sets += [FeatureSet(f"baseline_{name}", np.asarray(x, np.float32), False)
+                 for name, x in data.baselines.items()]  # fmt: skip
         if data.expr_log is not None:
-            steps["bleep"] = lambda: _bleep(img, gene, data)
-    for name, emb in embs.items():
-        if emb is not None:
-            steps[f"probes_{name}"] = lambda emb=emb, name=name: _suite(emb, data, name)
-    if data.cfg.baselines and (features is not None or data.expr_log is not None):
-        steps["baselines"] = lambda: _baselines(data, features)
-    return steps
+            pca = pca_expression(data.expr_log, data.train_idx, seed=data.cfg.seed)
+            sets.append(FeatureSet("baseline_pca", pca, True))
+    return sets
+
+
+@dataclass
+class Collected:
+    """Everything the probes returned, keys already prefixed by feature set."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_donor: list[pd.DataFrame] = field(default_factory=list)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    ranks: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, spec: ProbeSpec, features: str | None, result: ProbeResult) -> None:
+        prefix = "" if features is None else f"{features}/"
+        self.metrics.update({prefix + k: float(v) for k, v in result.metrics.items()})
+        if result.per_donor is not None and len(result.per_donor):
+            self.per_donor.append(result.per_donor.assign(metric=prefix + result.per_donor["metric"]))
+        for name, table in result.tables.items():
+            self.tables[f"{prefix}{spec.name}/{name}"] = table.assign(
+                features=features or "pair", probe=spec.name)  # fmt: skip
+        if result.note:
+            self.notes[prefix + spec.name] = result.note
+        self.ranks.update(result.ranks)
+
+
+def _run(spec: ProbeSpec, features: FeatureSet | None, data: EvalData, out: Collected) -> None:
+    where = spec.name if features is None else f"{features.name}/{spec.name}"
+    try:
+        result = spec.run(data) if features is None else spec.run(features.X, data)
+    except ValueError as exc:  # a probe that cannot run on this data says why
+        warnings.warn(f"probe {where} skipped: {exc}", UserWarning, stacklevel=2)
+        out.notes[where] = f"skipped: {exc}"
+        return
+    if result is not None:
+        out.add(spec, None if features is None else features.name, result)
+
+
+def run_probes(data: EvalData, *, progress: bool = False) -> Collected:
+    """Every applicable (probe, feature set) pair, under one progress bar."""
+    sets = feature_sets(data)
+    jobs: list[tuple[ProbeSpec, FeatureSet | None]] = []
+    for spec in probe_specs():
+        if spec.scope == "pair":
+            jobs += [(spec, None)] if spec.applies(data) else []
+        else:
+            jobs += [(spec, fs) for fs in sets if spec.applies(data, from_expression=fs.from_expression)]
+    out = Collected()
+    for spec, fs in tqdm(jobs, desc="evaluate", disable=not progress):
+        _run(spec, fs, data, out)
+    return out
+
+
+def evaluate_embeddings(
+    data: EvalData, *, out_dir: str | Path, split: str = "test", progress: bool = True
+) -> tuple[dict[str, float], dict[str, Path]]:
+    """Run every registered probe on ``data``; metrics named ``{split}/[{features}/]{name}``.
+
+    Embeddings are L2-normalised first. Artifacts: ``embeddings`` (.h5ad of the test rows:
+    obsm img/gene/joint + obs), ``per_donor`` (.csv: metric, donor, value, n),
+    ``probe_notes`` (.json: why a figure is NaN or a probe was skipped), ``per_gene_pearson``
+    and ``comparison`` (.csv) and, with ``cfg.plots``, PNGs.
+    """
+    gene = None if data.gene is None else l2_normalize(data.gene)
+    data = replace(data, img=l2_normalize(data.img), gene=gene)
+    collected = run_probes(data, progress=progress)
+    metrics = {metric_key(split, *_split_prefix(k)): v for k, v in collected.metrics.items()}
+    arts = _artifacts(Path(out_dir), data, collected)
+    return metrics, arts
+
+
+def _split_prefix(key: str) -> tuple[str, str | None]:
+    features, _, metric = key.rpartition("/")
+    return metric, features or None
 
 
 def write_embeddings(path: Path, obs: pd.DataFrame, **emb: np.ndarray | None) -> Path:
@@ -155,11 +166,32 @@ def write_embeddings(path: Path, obs: pd.DataFrame, **emb: np.ndarray | None) ->
     return path
 
 
-def _tables(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    return pd.concat([t.assign(features=name) for name, t in tables.items()], ignore_index=True)
+def _artifacts(out: Path, data: EvalData, got: Collected) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    te = data.test_idx
+    embs = {"img": data.img, "gene": data.gene,
+            "joint": None if data.gene is None else joint_embedding(data.img, data.gene)}  # fmt: skip
+    arts = {"embeddings": write_embeddings(out / "embeddings.h5ad", data.obs.iloc[te],
+                                           **{k: None if v is None else v[te]
+                                              for k, v in embs.items()})}  # fmt: skip
+    per_donor = (pd.concat(got.per_donor, ignore_index=True)[PER_DONOR_COLUMNS] if got.per_donor
+                 else pd.DataFrame(columns=PER_DONOR_COLUMNS))  # fmt: skip
+    arts["per_donor"] = _write(out / "per_donor.csv", lambda p: per_donor.to_csv(p, index=False))
+    notes = json.dumps(got.notes, indent=1, sort_keys=True)
+    arts["probe_notes"] = _write(out / "probe_notes.json", lambda p: Path(p).write_text(notes))
+    if got.tables:
+        genes = pd.concat(got.tables.values(), ignore_index=True)
+        arts["per_gene_pearson"] = _write(out / "per_gene_pearson.csv",
+                                          lambda p: genes.to_csv(p, index=False))  # fmt: skip
+    comparison = comparison_table(got.metrics)
+    if len(comparison):
+        arts["comparison"] = _write(out / "comparison.csv", lambda p: comparison.to_csv(p))
+    if data.cfg.plots:
+        arts.update(_plots(out, embs, data, got, comparison))
+    return arts
 
 
-def _plots(out: Path, embs: dict, data: EvalData, ranks, tables, comparison) -> dict[str, Path]:
+def _plots(out: Path, embs: dict, data: EvalData, got: Collected, comparison) -> dict[str, Path]:
     te, seed = data.test_idx, data.cfg.seed
     if len(te) > data.cfg.mixing_subsample:  # layouts of a seeded subsample keep UMAP cheap
         rng = np.random.default_rng(seed)
@@ -174,103 +206,29 @@ def _plots(out: Path, embs: dict, data: EvalData, ranks, tables, comparison) -> 
             if values is not None:
                 path = out / f"{method.lower()}_{name}_by_{key}.png"
                 arts[path.stem] = plots.plot_embedding(
-                    xy,
-                    values,
-                    title=f"{name} embedding ({method}), by {key}",
-                    path=path,
+                    xy, values, title=f"{name} embedding ({method}), by {key}", path=path,
                     method=method,
-                )
-    if ranks:
-        arts["recall_curve"] = plots.plot_recall_curve(ranks, out / "recall_curve.png")
-    if "contrastive" in tables:
-        arts["pearson_hist"] = plots.plot_pearson_hist(
-            tables["contrastive"], out / "pearson_hist.png", title="HEST probe, image embedding"
-        )
+                )  # fmt: skip
+    if got.ranks:
+        arts["recall_curve"] = plots.plot_recall_curve(got.ranks, out / "recall_curve.png")
+    for probe, title in (("hest", "HEST probe"), ("ridge_per_donor", "per-donor ridge probe")):
+        table = got.tables.get(f"img/{probe}/per_gene")
+        if table is not None and table["pearson"].notna().any():
+            arts["pearson_hist"] = plots.plot_pearson_hist(
+                table, out / "pearson_hist.png", title=f"{title}, image embedding")
+            break
     if len(comparison):
         arts["comparison_plot"] = plots.plot_comparison(comparison, out / "comparison.png")
     return arts
 
 
-def evaluate_embeddings(
-    *,
-    img: np.ndarray,
-    gene: np.ndarray | None,
-    obs: pd.DataFrame,
-    train_idx: np.ndarray | Sequence,
-    test_idx: np.ndarray | Sequence,
-    expr_log: np.ndarray | None,
-    gene_names: Sequence[str] | None,
-    cfg: EvalConfig,
-    label_key: str | None,
-    mutation_key: str | None,
-    out_dir: str | Path,
-    baseline_features: np.ndarray | Mapping[str, np.ndarray] | None = None,
-    batch_key: str = "donor",
-    split: str = "test",
-    progress: bool = True,
-) -> tuple[dict[str, float], dict[str, Path]]:
-    """Evaluate embeddings of all rows (obs order); metrics are named ``{split}/{key}``.
-
-    ``train_idx`` / ``test_idx``: integer indices or boolean masks into the rows.
-    ``baseline_features``: frozen image-encoder features (N x F), or ``{name: features}``.
-    Artifacts: ``embeddings`` (.h5ad of the test rows: obsm img/gene/joint + obs), the
-    per-gene Pearson and comparison tables (.csv) and, with ``cfg.plots``, PNGs.
-    """
-    _check(img, gene, obs, expr_log, gene_names, batch_key)
-    n = len(obs)
-    data = EvalData(
-        obs=obs.reset_index(drop=True),
-        train_idx=_as_index(train_idx, n, "train_idx"),
-        test_idx=_as_index(test_idx, n, "test_idx"),
-        expr_log=None if expr_log is None else np.asarray(expr_log, np.float32),
-        gene_names=None if gene_names is None else [str(g) for g in gene_names],
-        label_key=label_key,
-        mutation_key=mutation_key,
-        batch_key=batch_key,
-        cfg=cfg,
-    )
-    img = l2_normalize(img)
-    gene = None if gene is None else l2_normalize(gene)
-    embs = {"img": img, "gene": gene, "joint": None if gene is None else joint_embedding(img, gene)}
-    metrics: dict[str, float] = {}
-    tables: dict[str, pd.DataFrame] = {}
-    ranks: dict[str, np.ndarray] = {}
-    steps = _steps(embs, data, baseline_features)
-    for name in tqdm(steps, desc="evaluate", disable=not progress):
-        m, t, r = steps[name]()
-        metrics.update(m)
-        tables.update(t)
-        ranks.update(r)
-    arts = _artifacts(Path(out_dir), obs, embs, data, ranks, tables, metrics, baseline_features)
-    return {f"{split}/{k}": float(v) for k, v in metrics.items()}, arts
-
-
-def _artifacts(out: Path, obs, embs, data, ranks, tables, metrics, features) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    te = data.test_idx
-    arts = {
-        "embeddings": write_embeddings(
-            out / "embeddings.h5ad",
-            obs.iloc[te],
-            **{k: None if v is None else v[te] for k, v in embs.items()},
-        )
-    }
-    if tables:
-        arts["per_gene_pearson"] = _write_csv(
-            _tables(tables), out / "per_gene_pearson.csv", index=False
-        )
-    comparison = comparison_table(
-        metrics, list(as_baselines(features)) if data.cfg.baselines else []
-    )
-    if len(comparison):
-        arts["comparison"] = _write_csv(comparison, out / "comparison.csv", index=True)
-    if data.cfg.plots:
-        arts.update(_plots(out, embs, data, ranks, tables, comparison))
-    return arts
-
-
-def _write_csv(frame: pd.DataFrame, path: Path, *, index: bool) -> Path:
+def _write(path: Path, writer) -> Path:
+    """Write through a temporary sibling, then rename (no half-written artifact)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=index)
-    os.replace(tmp, path)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

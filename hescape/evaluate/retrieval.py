@@ -180,3 +180,52 @@ def cross_modal_retrieval(
     out.update(_in_batch(img, gene, ks, inbatch_size, inbatch_repeats, seed))
     out["retrieval_n"] = float(img.shape[0])
     return out
+
+
+def fixed_gallery_retrieval(
+    img: np.ndarray,
+    gene: np.ndarray,
+    *,
+    size: int = 1000,
+    draws: int = 5,
+    ks: Sequence[int] = (1, 5, 10),
+    seed: int = 0,
+    block_size: int = 1024,
+) -> dict[str, float]:
+    """Recall@k and mean rank with a gallery of exactly ``size`` held-out pairs.
+
+    Each of ``draws`` seeded draws samples ``size`` pairs without replacement and ranks every
+    query against that gallery only; figures are averaged over draws, so they compare
+    across datasets of different sizes (a whole-set Recall@k falls as the set grows). Keys
+    ``r{k}_{img2gene,gene2img}_gallery{size}``, ``mean_rank_*_gallery{size}``. Raises
+    ValueError when there are fewer than ``size`` pairs.
+    """
+    n = len(img)
+    if n < size:
+        raise ValueError(f"fixed-gallery retrieval needs {size} held-out pairs, there are {n} "
+                         "(eval.fixed_gallery)")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    sums: dict[str, float] = {}
+    for _ in range(draws):
+        rows = np.sort(rng.choice(n, size, replace=False))
+        ranks = retrieval_ranks(img[rows], gene[rows], block_size)
+        for key, value in _summarize(ranks, ks, suffix=f"_gallery{size}").items():
+            if not key.startswith("median_rank"):
+                sums[key] = sums.get(key, 0.0) + value
+    return {k: v / draws for k, v in sums.items()}
+
+
+def recall_by_donor(
+    ranks: dict[str, np.ndarray], donors: np.ndarray | Sequence, ks: Sequence[int]
+) -> list[tuple[str, str, float, int]]:
+    """Per query donor: Recall@k of whole-set ``ranks`` -> rows ``(metric, donor, value, n)``
+    with metric ``r{k}_{direction}`` (the gallery stays the whole held-out set)."""
+    donors = np.asarray(donors)
+    rows = []
+    for direction, r in ranks.items():
+        for donor in np.unique(donors):
+            mask = donors == donor
+            for k in sorted(set(ks)):
+                rows.append((f"r{k}_{direction}", str(donor), recall_at(r[mask], k),
+                             int(mask.sum())))  # fmt: skip
+    return rows

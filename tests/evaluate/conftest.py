@@ -24,8 +24,11 @@ def make_synthetic(
         },
         index=[f"spot{i}" for i in range(n)],
     )
-    expr = np.log1p(np.exp(latent @ rng.normal(size=(dim, genes)) * 0.5))
+    rate = np.exp(latent @ rng.normal(size=(dim, genes)) * 0.5)
+    expr = np.log1p(rate)
+    counts = np.random.default_rng(seed + 1).poisson(rate).astype(np.float32)  # raw counts
     return {
+        "counts": counts,
         "img": latent + 0.3 * rng.normal(size=latent.shape),
         "gene": latent + 0.3 * rng.normal(size=latent.shape),
         "obs": obs,

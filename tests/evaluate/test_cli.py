@@ -63,11 +63,15 @@ def test_cli_evaluates_checkpoint(setup, capsys):
     out = setup["tmp"] / "eval"
     assert _run([str(setup["ckpt"]), str(setup["data"]), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("test/r5_img2gene", "test/probe_pearson_mean", "test/mutation_auroc_pooled",
-                "test/gene_ilisi", "test/baseline_frozen_probe_pearson_mean"):  # fmt: skip
+    for key in ("test/r5_img2gene", "test/img/ridge_per_donor_pearson_mean",
+                "test/img/mutation_auroc", "test/gene/ilisi",
+                "test/baseline_frozen/ridge_per_donor_pearson_mean"):  # fmt: skip
         assert key in metrics, key
-    assert (out / "embeddings.h5ad").stat().st_size > 0
-    assert "r5_img2gene" in capsys.readouterr().out
+    for name in ("embeddings.h5ad", "per_donor.csv", "probe_notes.json"):
+        assert (out / name).stat().st_size > 0, name
+    printed = capsys.readouterr().out
+    assert "r5_img2gene" in printed and "img/mutation_underpowered" in printed
+    assert "notes:" in printed and "img/mutation" in printed  # why a figure is missing
 
 
 def test_cli_image_only_dataset(setup):
@@ -75,7 +79,7 @@ def test_cli_image_only_dataset(setup):
     argv = [str(setup["ckpt"]), str(setup["image_only"]), "--out", str(out), "--set", "plots=false"]
     assert _run(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert "test/mutation_n_donors" in metrics and "test/img_kbet" in metrics
+    assert "test/img/mutation_n_donors" in metrics and "test/img/kbet_global" in metrics
     assert not any("img2gene" in k for k in metrics)
 
 

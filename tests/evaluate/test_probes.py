@@ -1,19 +1,16 @@
-"""Probes on synthetic data with known signal: expression, BLEEP, label, mutation."""
+"""Probes on synthetic data with known signal: per-donor ridge, BLEEP, label (logistic, kNN)."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
+import pandas as pd
 import pytest
 
-from hescape.evaluate.pearson import pearson_by_donor
+from hescape.evaluate.pearson import pearson_by_donor, per_donor_means
 from hescape.evaluate.probes import (
-    donor_folds,
-    expression_probe,
     label_probe,
-    mutation_probe,
     retrieval_expression_probe,
+    ridge_per_donor_probe,
     top_variable_genes,
 )
 
@@ -29,16 +26,17 @@ def _linear(n=300, d=16, g=30, noise=0.1, seed=0):
 def test_expression_probe_finds_linear_signal_and_not_noise():
     emb, expr, donors, genes = _linear()
     tr, te = slice(0, 200), slice(200, 300)
-    m, table = expression_probe(
+    m, table = ridge_per_donor_probe(
         emb[tr], expr[tr], emb[te], expr[te], test_donors=donors[te], gene_names=genes, n_top=10
     )
-    assert m["probe_pearson_mean"] > 0.95 and m["probe_pearson_median"] > 0.95
-    assert m["probe_n_genes"] == 10 and len(table) == 10  # one held-out donor
+    assert m["ridge_per_donor_pearson_mean"] > 0.95 and m["ridge_per_donor_pearson_median"] > 0.95
+    assert m["ridge_per_donor_n_genes"] == 10 and len(table) == 10  # one held-out donor
+    assert m["ridge_per_donor_pca_dim"] == 16  # capped at the feature dimension, and says so
     noise = np.random.default_rng(9).normal(size=emb.shape)
-    m0, _ = expression_probe(
+    m0, _ = ridge_per_donor_probe(
         noise[tr], expr[tr], noise[te], expr[te], test_donors=donors[te], gene_names=genes
     )
-    assert abs(m0["probe_pearson_mean"]) < 0.15
+    assert abs(m0["ridge_per_donor_pearson_mean"]) < 0.15
 
 
 def test_hvg_uses_train_rows_only():
@@ -47,7 +45,7 @@ def test_hvg_uses_train_rows_only():
     tr, te = slice(0, 200), slice(200, 300)
     test_expr = expr[te].copy()
     test_expr[:, 15:] *= 1000  # huge test variance in other genes must not change the choice
-    _, table = expression_probe(
+    _, table = ridge_per_donor_probe(
         emb[tr], expr[tr], emb[te], test_expr, test_donors=donors[te], gene_names=genes, n_top=5
     )
     assert sorted(table["gene"].unique()) == [f"g{i}" for i in range(5)]
@@ -60,20 +58,23 @@ def test_per_donor_pearson_differs_from_concatenated():
     true = np.concatenate([t1, t2])[:, None]
     pred = np.concatenate([t1[::-1], t2[::-1]])[:, None]
     donors = np.array(["a"] * 3 + ["b"] * 3)
-    m, _ = pearson_by_donor(pred, true, donors, ["g"], "probe")
+    m, _ = pearson_by_donor(pred, true, donors, ["g"], "ridge_per_donor")
     pooled = np.corrcoef(pred[:, 0], true[:, 0])[0, 1]
-    assert m["probe_pearson_mean"] == pytest.approx(-1.0)
+    assert m["ridge_per_donor_pearson_mean"] == pytest.approx(-1.0)
     assert pooled > 0.9
 
 
 def test_constant_genes_are_skipped_and_counted():
     true = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
     pred = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
-    m, table = pearson_by_donor(pred, true, np.array(["d"] * 3), ["x", "y"], "probe")
-    assert m["probe_n_skipped_constant"] == 1
-    assert m["probe_pearson_mean"] == pytest.approx(1.0)
+    m, table = pearson_by_donor(pred, true, np.array(["d"] * 3), ["x", "y"], "bleep")
+    assert m["bleep_n_skipped_constant"] == 1
+    assert m["bleep_pearson_mean"] == pytest.approx(1.0)
     assert np.isnan(table.loc[table.gene == "y", "pearson"]).all()
-    assert "probe_pearson_mean_donor_d" in m
+    per = per_donor_means(table, "bleep_pearson_mean")
+    assert per.to_dict("records") == [
+        {"metric": "bleep_pearson_mean", "donor": "d", "value": 1.0, "n": 3}
+    ]
 
 
 def test_bleep_probe_retrieves_expression():
@@ -96,64 +97,41 @@ def test_label_probe():
     assert m0["label_balanced_accuracy"] < 0.55
 
 
-def _cohort(n_donors=8, slides=2, patches=20, signal=2.0, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for d in range(n_donors):
-        lab = "mut" if d % 2 else "wt"
-        for s in range(slides):
-            for _ in range(patches):
-                rows.append((f"d{d}", f"d{d}_s{s}", lab))
-    donors, slides_, labels = map(np.array, zip(*rows, strict=True))
-    emb = rng.normal(size=(len(rows), 8))
-    emb[:, 0] += signal * (labels == "mut")
-    return emb, donors, slides_, labels
+def _knn_data(train_x, train_y, test_x, test_y):
+    from hescape.config import EvalConfig
+    from hescape.evaluate.probe_spec import EvalData
+
+    x = np.vstack([train_x, test_x])
+    y = np.concatenate([train_y, test_y]).astype(object)
+    obs = pd.DataFrame({"donor": ["d0"] * len(train_x) + ["d1"] * len(test_x), "state": y})
+    n = len(train_x)
+    return x, EvalData(obs=obs, img=x, train_idx=np.arange(n), test_idx=np.arange(n, len(x)),
+                       cfg=EvalConfig(), label_key="state")  # fmt: skip
 
 
-def test_donor_folds_never_share_a_donor():
-    _, donors, slides, labels = _cohort(n_donors=12)
-    groups = np.unique(slides)
-    g_donor = np.array([s.split("_")[0] for s in groups])
-    g_lab = np.array([labels[slides == s][0] for s in groups])
-    for n_folds in (3, 5, 20):
-        folds = donor_folds(g_donor, g_lab, n_folds, seed=1)
-        seen = np.concatenate([te for _, te in folds])
-        assert sorted(seen) == list(range(len(groups)))  # each group tested exactly once
-        for tr, te in folds:
-            assert not set(g_donor[tr]) & set(g_donor[te])
+def test_knn_label_probe_signal_and_noise():
+    from hescape.evaluate.suite import KNN_K, knn_label
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=400).astype(str)
+    x = np.eye(3)[y.astype(int)] * 3 + rng.normal(size=(400, 3))
+    feats, data = _knn_data(x[:300], y[:300], x[300:], y[300:])
+    m = knn_label(feats, data).metrics
+    assert m["knn_label_balanced_accuracy"] > 0.8 and m["knn_label_k"] == KNN_K
+    assert m["knn_label_n_test"] == 100
+    feats0, data0 = _knn_data(rng.normal(size=(300, 3)), y[:300], rng.normal(size=(100, 3)), y[300:])
+    assert knn_label(feats0, data0).metrics["knn_label_balanced_accuracy"] < 0.5
 
 
-def test_mutation_probe_signal_vs_noise():
-    emb, donors, slides, labels = _cohort()
-    m = mutation_probe(emb, group_ids=slides, labels=labels, donors=donors, cv_folds=4)
-    assert m["mutation_auroc_pooled"] > 0.9 and m["mutation_n_donors"] == 8
-    assert m["mutation_n_groups"] == 16 and m["mutation_few_donors"] == 0.0
-    assert np.isfinite(m["mutation_auroc_sd"])
-    # noise: 40 donors so chance AUROC has sd ~0.09 around 0.5
-    emb0, donors0, slides0, labels0 = _cohort(n_donors=40, slides=1, patches=5, signal=0.0)
-    m0 = mutation_probe(emb0, group_ids=slides0, labels=labels0, donors=donors0, cv_folds=4)
-    assert abs(m0["mutation_auroc_pooled"] - 0.5) < 0.3
+def test_knn_label_vote_and_tie_break():
+    from hescape.evaluate.suite import KNN_K, knn_label
 
-
-def test_mutation_probe_few_donors_flagged_and_attention_runs():
-    emb, donors, slides, labels = _cohort(n_donors=4, patches=6)
-    with pytest.warns(UserWarning, match="4 donors"):
-        m = mutation_probe(
-            emb, group_ids=donors, labels=labels, donors=donors, aggregate="attention"
-        )
-    assert m["mutation_few_donors"] == 1.0 and m["mutation_n_folds"] == 4  # leave-one-donor-out
-    assert 0.0 <= m["mutation_balanced_accuracy_pooled"] <= 1.0
-
-
-def test_mutation_probe_image_only_and_errors():
-    emb, donors, slides, labels = _cohort(n_donors=6)
-    labels = labels.astype(object)
-    labels[:5] = None  # unlabelled patches are dropped, not an error
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        m = mutation_probe(emb, group_ids=slides, labels=labels, donors=donors)
-    assert np.isfinite(m["mutation_auroc_pooled"])
-    mixed = np.array(labels, dtype=object)
-    mixed[30] = "wt" if mixed[30] == "mut" else "mut"
-    with pytest.raises(ValueError, match="mixes labels"):
-        mutation_probe(emb, group_ids=slides, labels=mixed, donors=donors)
+    assert KNN_K == 15  # 15 training spots: all are neighbours; votes a 7, b 7, c 1
+    angles = np.array([0.3] * 7 + [0.1] + [0.5] * 6 + [0.05])  # nearest: c, then b
+    labels = np.array(["a"] * 7 + ["b"] * 7 + ["c"])
+    train = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    feats, data = _knn_data(train, labels, np.array([[1.0, 0.0]]), np.array(["b"]))
+    assert knn_label(feats, data).metrics["knn_label_balanced_accuracy"] == 1.0  # b beat a
+    feats, data = _knn_data(train[::-1] * [1, -1], labels[::-1], np.array([[1.0, 0.0]]),
+                            np.array(["b"]))  # fmt: skip
+    assert knn_label(feats, data).metrics["knn_label_balanced_accuracy"] == 1.0  # order-free

@@ -7,8 +7,11 @@ import pytest
 
 from hescape.evaluate.retrieval import (
     cross_modal_retrieval,
+    fixed_gallery_retrieval,
     l2_normalize,
     rank_of_true,
+    recall_by_donor,
+    retrieval_ranks,
     topk_blocked,
 )
 
@@ -121,3 +124,42 @@ def test_clear_errors():
         cross_modal_retrieval(np.eye(4), np.eye(4), donors=["a"])
     with pytest.raises(ValueError, match="block_size"):
         rank_of_true(np.eye(3), np.eye(3), 0)
+
+
+def test_fixed_gallery_recall_is_size_invariant_and_matches_reference():
+    # same embedding quality, sets of 1,500 and 6,000 pairs: the whole-set recall falls with
+    # the set size, the fixed-gallery recall does not
+    small, large = _pair(1500, d=16, noise=1.2, seed=1), _pair(6000, d=16, noise=1.2, seed=2)
+    whole = [cross_modal_retrieval(*p, inbatch_repeats=1)["r5_img2gene"] for p in (small, large)]
+    fixed = [fixed_gallery_retrieval(*p, size=500, draws=3, ks=(5,))["r5_img2gene_gallery500"]
+             for p in (small, large)]  # fmt: skip
+    assert whole[1] < 0.7 * whole[0]
+    assert fixed[1] == pytest.approx(fixed[0], rel=0.15)
+    # reference: the same seeded draws, brute-force ranks inside each gallery, averaged
+    img, gene = small
+    rng = np.random.default_rng(7)
+    ref = []
+    for _ in range(3):
+        rows = np.sort(rng.choice(len(img), 500, replace=False))
+        ref.append(np.mean(_brute_ranks(img[rows], gene[rows]) <= 5))
+    m = fixed_gallery_retrieval(img, gene, size=500, draws=3, ks=(1, 5), seed=7)
+    assert m["r5_img2gene_gallery500"] == pytest.approx(np.mean(ref))
+    assert set(m) == {f"{s}_{d}_gallery500" for s in ("r1", "r5", "mean_rank")
+                      for d in ("img2gene", "gene2img")}  # fmt: skip
+
+
+def test_fixed_gallery_refuses_too_few_pairs():
+    with pytest.raises(ValueError, match="needs 1000 held-out pairs, there are 300"):
+        fixed_gallery_retrieval(*_pair(300), size=1000)
+
+
+def test_recall_by_donor_ranks_over_the_whole_gallery():
+    img, gene = _pair(60, noise=0.8)
+    donors = np.repeat(["a", "b", "c"], 20)
+    ranks = retrieval_ranks(img, gene)
+    rows = recall_by_donor(ranks, donors, ks=(1, 5))
+    table = {(m, d): (v, n) for m, d, v, n in rows}
+    brute = _brute_ranks(img, gene)  # whole 60-pair gallery, not the donor's 20
+    for i, d in enumerate("abc"):
+        assert table[("r5_img2gene", d)] == (np.mean(brute[20 * i : 20 * i + 20] <= 5), 20)
+    assert len(rows) == 2 * 3 * 2
