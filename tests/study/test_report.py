@@ -332,3 +332,20 @@ def test_write_report_reads_per_donor_tables_and_logs_to_the_parent(tmp_path):
     html = (out / "report.html").read_text()
     assert "The encoder" not in html and "higher than reference" in html
     assert "stopped on its epoch cap (60 of 60 epochs)" in html
+
+
+def test_names_the_report_reads_are_declared_by_the_probe_registry():
+    """The report's own names (mutation keys, companions, effect metrics) exist in the
+    registry, so a rename there fails here rather than silently blanking the report."""
+    from hescape.evaluate.probe_spec import metric_names
+    from hescape.study.report_notes import FALLBACK_NAMES, companions, mixing_figures
+    from hescape.study.report_tables import EFFECT_METRICS
+
+    names = metric_names()
+    declared = {m for ms in names.values() for m in ms}
+    assert set(FALLBACK_NAMES["mutation"]) <= set(names["mutation"])
+    assert mixing_figures() and mixing_figures() <= set(names["mixing"])
+    for key in ("test/gene/ilisi", "test/img/hest_pearson_mean",
+                "test/img/ridge_per_donor_pearson_mean"):
+        assert {c.split("/")[-1] for c in companions(key, mixing_figures())} <= declared
+    assert {m.split("/")[-1] for m in EFFECT_METRICS} <= declared
