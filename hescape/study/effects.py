@@ -356,6 +356,8 @@ def factor_effects(
     base, linked = dict(base or {}), dict(linked or {})
     rows = [r for r in rows if r["trial_id"] in per_donor]
     factors = sorted({k for r in rows for k in r["sweep_params"] if k != SEED_KEY})
+    matrices = {m: donor_matrix({r["trial_id"]: per_donor[r["trial_id"]] for r in rows}, m)
+                for m in metrics}
     recs = []
     for factor in factors:
         values = [r["sweep_params"].get(factor) for r in rows]
@@ -366,7 +368,7 @@ def factor_effects(
         trials = factor_trials(rows, factor, linked.get(factor, set()))
         order = sorted(set(labels) - {ref}, key=level_order(values, labels))
         for metric in metrics:
-            vals, wts = donor_matrix({t.key: per_donor[t.key] for t in trials}, metric)
+            vals, wts = matrices[metric]
             with_data = [t for t in trials if t.key in vals.index]
             by_level = {lv: [t for t, lab in zip(trials, labels) if lab == lv and t in with_data]
                         for lv in [ref, *order]}
