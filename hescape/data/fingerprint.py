@@ -9,6 +9,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from hescape.data.rowio import read_rows
+
 FULL_HASH_BYTES = 256 * 2**20   # hash every patch byte below this size
 SAMPLED_ROWS = 1024             # else: this many whole rows + a strided probe of every row
 
@@ -60,16 +62,17 @@ def hash_patches(patches: np.ndarray) -> tuple[str, str]:
     h.update(f"{patches.dtype.str}{patches.shape}".encode())
     n = patches.shape[0]
     chunk = max(1, (64 * 2**20) // max(1, patches[0].nbytes if n else 1))
+    # blocks read through the file (read_rows): a memmapped store never becomes resident
     if patches.nbytes <= FULL_HASH_BYTES:
         for start in range(0, n, chunk):
-            _update_array(h, np.asarray(patches[start:start + chunk]))
+            _update_array(h, read_rows(patches, start, start + chunk))
         return h.hexdigest(), "full"
     rows = np.unique(np.linspace(0, n - 1, SAMPLED_ROWS).astype(np.int64))
     for r in rows:
-        _update_array(h, np.asarray(patches[r]))
+        _update_array(h, read_rows(patches, int(r), int(r) + 1)[0])
     step = max(1, patches.shape[1] // 8)
     for start in range(0, n, chunk):
-        _update_array(h, np.asarray(patches[start:start + chunk, ::step, ::step]))
+        _update_array(h, read_rows(patches, start, start + chunk)[:, ::step, ::step])
     return h.hexdigest(), "sampled"
 
 
