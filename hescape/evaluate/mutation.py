@@ -48,15 +48,17 @@ def donor_folds(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """CV folds over groups (slides/donors), grouped by donor.
 
-    Stratified group k-fold (seeded) with ``min(cv_folds, smallest class)`` splits when there
-    are more than ``cv_folds`` donors and that is >= 2; otherwise leave-one-donor-out.
+    Stratified group k-fold (seeded) with ``min(cv_folds, donors of the smallest class)``
+    splits when there are more than ``cv_folds`` donors and that is >= 2; otherwise
+    leave-one-donor-out.
     """
     donors, labels = np.asarray(group_donors), np.asarray(group_labels)
     n_donors = len(np.unique(donors))
     if n_donors < 2:
         raise ValueError(f"mutation probe needs >= 2 donors for grouped CV, got {n_donors}")
     x = np.zeros((len(donors), 1))
-    n_splits = min(cv_folds, int(np.unique(labels, return_counts=True)[1].min()))
+    per_donor = pd.DataFrame({"d": donors, "y": labels}).drop_duplicates()
+    n_splits = min(cv_folds, int(per_donor["y"].value_counts().min()))
     if n_donors <= cv_folds or n_splits < 2:
         splitter = LeaveOneGroupOut().split(x, labels, donors)
     else:
