@@ -68,3 +68,18 @@ def test_harness_runs_every_stage_at_a_tiny_size(tmp_path: Path) -> None:
     assert rows["pre_harmony"]["info"]["variant"]["harmony"]["mode"] == "inductive"
     assert rows["evaluate"]["info"]["n_metrics"] > 0
     assert "| **pipeline** |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_packed_trials_smoke_on_a_fake_gpu(tmp_path: Path) -> None:
+    """K = 1 and 2 head-only trials per (fake) GPU run through Tune; the table is printed."""
+    out = tmp_path / "packed.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.packed_trials", "--smoke", "--workdir",
+         str(tmp_path / "work"), "--out", str(out)],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["k"], r["concurrency"], r["trials_ok"]) for r in rows] == [(1, 1, 2), (2, 2, 2)]
+    assert "| K per GPU |" in proc.stdout
