@@ -20,7 +20,7 @@ _EXPORTS = {
     "hest_probe": "hest",
     "mutation_probe": "mutation",
     "EvalData": "probe_spec",
-    "PROBES": "probe_spec",
+    "PROBES": "suite",  # importing suite registers the built-in probes
     "probe_specs": "probe_spec",
     "register_probe": "probe_spec",
     "mixing_metrics": "mixing",

@@ -18,7 +18,13 @@ from hescape.evaluate.hest import HestUnavailable, hest_probe
 from hescape.evaluate.mixing import MIXING_KEYS, mixing_metrics
 from hescape.evaluate.mutation import mutation_probe
 from hescape.evaluate.pearson import per_donor_means
-from hescape.evaluate.probe_spec import PER_DONOR_COLUMNS, EvalData, ProbeResult, register_probe
+from hescape.evaluate.probe_spec import (  # noqa: F401 - PROBES re-exported, filled here
+    PER_DONOR_COLUMNS,
+    PROBES,
+    EvalData,
+    ProbeResult,
+    register_probe,
+)
 from hescape.evaluate.probes import (
     label_probe,
     present,
