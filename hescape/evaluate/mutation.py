@@ -9,7 +9,7 @@ and classified with donor-grouped cross-validation (no donor on both sides of a 
   exact permutation null has sd ~0.3: no figure is better than a misleading one.
 - ``mutation_auroc`` is the mean of per-fold AUROCs (each from ONE fitted model), never an
   AUROC pooled over separately fitted fold models.
-- ``mutation_auroc_pvalue``: donor-level label permutation, refitting the same folds; exact
+- ``mutation_auroc_pvalue``: donor-level label permutation, the whole CV redone; exact
   over all distinct labelings when there are at most ``n_permutations`` of them (p counts
   the observed one), else Monte Carlo (seeded), p = (1 + #{null >= observed}) / (1 + B).
 - ``mutation_auroc_ci_low`` / ``_high``: 95% percentile interval of a donor bootstrap
@@ -178,8 +178,9 @@ def n_labelings(donor_y: np.ndarray) -> int:
     return out
 
 
-def permutation_pvalue(fit, y, donor_idx, folds, observed, *, n_permutations, seed):
-    """(p, exact, n labelings scored): donor labels permuted, same folds refit."""
+def permutation_pvalue(fit, y, donor_idx, observed, *, cv_folds, n_permutations, seed):
+    """(p, exact, n labelings scored): donor labels permuted, the whole CV (stratified folds
+    included) redone under each labeling."""
     donor_y = np.array([y[donor_idx == d][0] for d in range(donor_idx.max() + 1)])
     total = n_labelings(donor_y)
     exact = total <= n_permutations
@@ -188,8 +189,12 @@ def permutation_pvalue(fit, y, donor_idx, folds, observed, *, n_permutations, se
     else:
         rng = np.random.default_rng(seed)
         draws = (rng.permutation(donor_y) for _ in range(n_permutations))
-    null = np.array([_mean(_cv(fit, perm[donor_idx], folds)[0]) for perm in draws])
-    hits = int(np.sum(np.nan_to_num(null, nan=-np.inf) >= observed - 1e-12))
+    null = []
+    for perm in draws:
+        y_perm = perm[donor_idx]
+        folds = donor_folds(donor_idx, y_perm, cv_folds, seed)
+        null.append(_mean(_cv(fit, y_perm, folds)[0]))
+    hits = int(np.sum(np.nan_to_num(np.asarray(null), nan=-np.inf) >= observed - 1e-12))
     p = hits / len(null) if exact else (1 + hits) / (1 + len(null))
     return float(p), exact, len(null)
 
@@ -259,7 +264,7 @@ def mutation_probe(
         raise ValueError(f"mutation probe needs >= 2 label values, got {list(classes)}")
     donor_names, donor_idx = np.unique(g["donor"], return_inverse=True)
     donor_y = np.array([y[donor_idx == d][0] for d in range(len(donor_names))])
-    folds = donor_folds(g["donor"], y, cv_folds, seed)
+    folds = donor_folds(donor_idx, y, cv_folds, seed)
     out = {
         "mutation_auroc": NAN, "mutation_auroc_ci_low": NAN, "mutation_auroc_ci_high": NAN,
         "mutation_auroc_pvalue": NAN, "mutation_pvalue_exact": NAN,
@@ -281,7 +286,7 @@ def mutation_probe(
         observed = _mean(aucs)
         if not np.isfinite(observed):
             return out, "no fold's held-out side holds every class: no per-fold AUROC"
-        p, exact, n_perm = permutation_pvalue(fit, y, donor_idx, folds, observed,
+        p, exact, n_perm = permutation_pvalue(fit, y, donor_idx, observed, cv_folds=cv_folds,
                                               n_permutations=n_permutations, seed=seed)  # fmt: skip
         low, high = bootstrap_ci(fit, y, donor_idx, cv_folds=cv_folds, n_boot=n_bootstrap,
                                  seed=seed)  # fmt: skip
