@@ -69,6 +69,10 @@ class EvalData:
         for col in {"donor", self.batch_key}:
             if col not in self.obs.columns:
                 raise ValueError(f"obs lacks column {col!r}; columns: {list(self.obs.columns)}")
+        if self.expr_log is not None:
+            self.expr_log = np.asarray(self.expr_log, dtype=np.float32)
+        if self.gene_names is not None:
+            self.gene_names = [str(g) for g in self.gene_names]
         _check_expression(self, n)
         for name, feats in self.baselines.items():
             if len(feats) != n:

@@ -105,6 +105,10 @@ def test_clear_errors(synthetic, tmp_path):
         _run(synthetic, tmp_path, test_idx=[10_000])
     with pytest.raises(ValueError, match="lacks column 'slide_x'"):
         _run(synthetic, tmp_path, batch_key="slide_x")
+    with pytest.raises(ValueError, match=r"counts \(240, 29\) must be N x G"):
+        _run(synthetic, tmp_path, counts=synthetic["counts"][:, :29])
+    with pytest.raises(ValueError, match="baseline 'frozen': 10 rows"):
+        _run(synthetic, tmp_path, baselines={"frozen": synthetic["frozen"][:10]})
 
 
 def test_missing_labels_are_left_out_not_fatal(synthetic, tmp_path):
