@@ -3,8 +3,9 @@
 Real data: STARmap mPFC (3 sections = batches, 16 annotated cell types; the 526 cells
 labelled "NA" are left out of the biology metrics). Bounds (stated here and in the report):
 iLISI(variant) >= iLISI(none) + 0.05; KMeans ARI on cell type >= 0.25 and >= 0.75 x ARI(none);
-silhouette_label >= 0.48. Measured at writing: none iLISI 0.62 / ARI 0.33; harmony 0.76 /
-0.34, combat 0.72 / 0.34, scVI (25 epochs) 0.77 / 0.33.
+silhouette_label >= 0.48. scVI runs with its default settings (scvi-tools' epoch rule, early
+stopping), on all 3,704 cells x 158 genes and on a 400-cell subsample (there: the same iLISI
+margin, ARI >= 0.75 x ARI(none)). Measured values: docs/preprocessing.md.
 
 Simulator (4 donors x 300 spots, 4 states): with donor_effect 1.0 (strong: none iLISI ~0.2)
 each variant raises donor iLISI by >= 0.1 and keeps state ARI >= 0.5; with donor_effect 0
@@ -20,12 +21,11 @@ from hescape.config import ExpressionPreprocess, SimulateConfig
 from hescape.data import simulate_expression
 from hescape.preprocess import apply_expression_variant, measure_variant
 
-SCVI_SMALL = {"max_epochs": 25, "n_hidden": 64}
 SCVI_SIM = {"max_epochs": 100, "n_latent": 4}  # 4 states: a small latent mixes donors
 CORRECTIONS = [
     pytest.param("harmony", {}, id="harmony"),
     pytest.param("combat", {}, id="combat"),
-    pytest.param("scvi", {"scvi": SCVI_SMALL}, id="scvi", marks=pytest.mark.slow),
+    pytest.param("scvi", {}, id="scvi-defaults", marks=pytest.mark.slow),  # ~2-5 min on 2 CPUs
 ]
 
 
@@ -48,8 +48,28 @@ def test_starmap_correction_mixes_sections_keeps_cell_types(starmap, starmap_non
                  label_key="cell_type", ignore=["NA"])
     base = starmap_none
     assert m["pre/ilisi"] >= base["pre/ilisi"] + 0.05, (m, base)
-    assert m["pre/ari"] >= max(0.25, 0.75 * base["pre/ari"]), (m, base)
+    assert m["pre/ari_kmeans"] >= max(0.25, 0.75 * base["pre/ari_kmeans"]), (m, base)
     assert m["pre/silhouette_label"] >= 0.48, m
+
+
+@pytest.mark.slow
+def test_starmap_400_cells_scvi_defaults_mix_sections(starmap):
+    """At a small cell count scVI's default (epoch rule + early stopping) still trains enough
+    to raise mixing over no correction (a fixed 60 epochs lowered it on a 400-cell set)."""
+    rows = np.sort(np.random.default_rng(0).choice(starmap.n_obs, 400, replace=False))
+    small = starmap[rows].copy()
+    kw = {"batch_key": "batch", "label_key": "cell_type", "ignore": ["NA"]}
+    none = _measure(small, ExpressionPreprocess(), **kw)
+    out = apply_expression_variant(small, ExpressionPreprocess(method="scvi"),
+                                   batch_key="batch", progress=False)
+    m = measure_variant(out, small, batch_key="batch", label_key="cell_type",
+                        ignore_labels=["NA"])
+    assert m["pre/ilisi"] >= none["pre/ilisi"] + 0.05, (m, none)
+    assert m["pre/ari_kmeans"] >= 0.75 * none["pre/ari_kmeans"], (m, none)
+    assert m["pre/silhouette_label"] >= 0.48, m
+    # scvi-tools' rule caps at 400 here; the held-out ELBO plateaued before it (the old fixed
+    # 60 epochs without early stopping could not say so: docs/preprocessing.md)
+    assert out.info["max_epochs"] == 400 and out.info["early_stopped"] and out.info["converged"]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +99,7 @@ def test_simulator_strong_donor_effect(sim, method, extra):
     m = _measure(adata, ExpressionPreprocess(method=method, **extra), batch_key="donor",
                  label_key="state", train_mask=train)
     assert m["pre/ilisi"] >= none["pre/ilisi"] + 0.1, (m, none)
-    assert m["pre/ari"] >= 0.5, m
+    assert m["pre/ari_kmeans"] >= 0.5, m
 
 
 @pytest.mark.parametrize(("method", "extra"), SIM_VARIANTS)
@@ -87,4 +107,4 @@ def test_simulator_no_donor_effect_keeps_states(sim, method, extra):
     adata, train, none = sim[0.0]
     m = _measure(adata, ExpressionPreprocess(method=method, **extra), batch_key="donor",
                  label_key="state", train_mask=train)
-    assert m["pre/ari"] >= max(0.8, none["pre/ari"] - 0.1), (m, none)
+    assert m["pre/ari_kmeans"] >= max(0.8, none["pre/ari_kmeans"] - 0.1), (m, none)

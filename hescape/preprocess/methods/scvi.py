@@ -14,8 +14,9 @@ Training length: ``max_epochs: null`` (default) is scvi-tools' own rule
 training stops when their ELBO has not improved for ``early_stopping_patience`` epochs.
 ``info`` records ``epochs_run``, ``max_epochs`` (the cap that applied), ``early_stopped``,
 ``stopped_on_cap`` (ran to the cap without the criterion firing: possibly unconverged),
-the same with a ``query_`` prefix for the scArches query, and ``converged`` (no model
-stopped on its cap).
+``elbo_validation_tail_change`` (relative fall of the held-out ELBO over the last 10% of
+epochs: how far from a plateau), the same with a ``query_`` prefix for the scArches query,
+and ``converged`` (no model stopped on its cap). Measurements: docs/preprocessing.md.
 
 Output ``latent`` is the posterior mean (N x n_latent, kind "features"); ``normalized`` is
 the decoded expression of every cell as if it came from the reference batch (the largest
@@ -40,6 +41,7 @@ from hescape.preprocess.spec import MethodOptions, MethodSpec, register
 SEED = 0
 LIBRARY_SIZE = 1e4
 BATCH_SIZE = 128  # scvi-tools' default
+CPU_THREADS = 1  # scVI's matrices are tiny: more torch threads only add synchronisation
 ARCHES = {"use_layer_norm": "both", "use_batch_norm": "none", "encode_covariates": True,
           "dropout_rate": 0.2}
 
@@ -62,6 +64,20 @@ class ScviOptions(MethodOptions):
 def show_progress(progress: bool) -> bool:
     """``progress`` unless the user disabled tqdm globally (``TQDM_DISABLE``)."""
     return progress and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
+
+
+@contextmanager
+def _cpu_threads():
+    """One torch thread while scVI trains on CPU, restored after (docs/preprocessing.md)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(CPU_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 @contextmanager
@@ -121,7 +137,12 @@ def train(model: Any, opts: ScviOptions, progress: bool, prefix: str = "",
             "stopped_on_cap": not early and epochs >= cap,
             "elbo_train": float(history["elbo_train"].iloc[-1, 0])}
     if "elbo_validation" in history:
-        info["elbo_validation"] = float(history["elbo_validation"].iloc[-1, 0])
+        elbo = history["elbo_validation"].iloc[:, 0].astype(float).to_numpy()
+        tail = max(1, len(elbo) // 10)
+        info["elbo_validation"] = float(elbo[-1])
+        # how much the held-out ELBO still fell over the last 10% of epochs (relative)
+        info["elbo_validation_tail_change"] = float((elbo[-1 - tail] - elbo[-1]) /
+                                                    abs(elbo[-1])) if len(elbo) > 1 else 0.0
     return {f"{prefix}{k}": v for k, v in info.items()}
 
 
@@ -150,7 +171,7 @@ def run(inp: MethodInput, opts: ScviOptions) -> MethodOutput:
                             "n_genes": int(len(genes)), "reference_batch": ref_batch}
     width = opts.n_latent if opts.output == "latent" else len(genes)
     out = np.empty((inp.adata.n_obs, width), dtype=np.float32)
-    with _quiet():
+    with _quiet(), _cpu_threads():
         scvi.settings.seed = SEED
         SCVI.setup_anndata(ref, batch_key="batch")
         model = SCVI(ref, n_latent=opts.n_latent, n_layers=opts.n_layers,
