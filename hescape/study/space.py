@@ -199,6 +199,10 @@ def _check_pairs(sweep: SweepConfig, base: dict[str, Any], source: str) -> None:
     if not bad:
         return
     pairs = sorted({f"{_pair_name(apply_params(base, p))}" for p, _ in bad})
+    if sweep.searcher == "grid" and len(bad) == len(points):
+        raise ConfigError(f"{source}: invalid search space\n  - every grid point pairs a gene "
+                          f"encoder with a preprocessing output it cannot take ({', '.join(pairs)})"
+                          f": {bad[0][1]}")
     if sweep.searcher != "grid":
         raise ConfigError(
             f"{source}: invalid search space\n  - the {sweep.searcher} search can sample gene "
@@ -260,7 +264,7 @@ def _validate_values(cfg: StudyConfig, base: dict[str, Any], source: str) -> Non
             except ConfigError as exc:
                 raise ConfigError(str(exc)) from None
     if cfg.sweep.searcher == "grid":
-        n = len(grid_points(cfg.sweep, base))
+        n = len(grid_points(cfg.sweep, base, skip_incompatible=False))
         if n == 0:
             raise ConfigError(f"{source}: the grid is empty")
 

@@ -185,6 +185,13 @@ def test_grid_skips_incompatible_pairs_with_a_note():
         validate_space(cfg, "study.yaml")
 
 
+def test_a_grid_of_only_incompatible_pairs_is_refused_with_the_reason():
+    only = {"preprocess.expression.method": {"type": "choice", "values": ["harmony", "combat"]},
+            "model.gene.name": {"type": "choice", "values": ["transformer"]}}
+    with pytest.raises(ConfigError, match="every grid point pairs.*transformer x combat"):
+        validate_space(_study(only), "study.yaml")
+
+
 def test_random_search_that_can_sample_an_incompatible_pair_is_refused():
     with pytest.raises(ConfigError, match="transformer x harmony.*Add a condition"):
         validate_space(_study(PAIRS, searcher="random"), "study.yaml")
