@@ -16,6 +16,10 @@ different trials. ``DurableScheduler`` wraps the phase's scheduler (ASHA, or FIF
 - keeps a copy of each forced snapshot (``backup_state``): Tune copies its state files into
   the phase directory in place, so a kill during that copy leaves a truncated file, and
   ``repair_state`` puts the last complete copy back before the phase is restored.
+
+Its own files live in a directory of their own (``state_dir``), never in Tune's experiment
+directory: a restored Tune run copies every ``*.json``/``*.pkl`` found there into its staging
+directory and later copies them back, which would put an old scheduler state over a newer one.
 """
 
 from __future__ import annotations
@@ -30,14 +34,18 @@ from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+SCHEDULER_FILE = "scheduler.pkl"
+BACKUP = "tune_state"
+
 
 class DurableScheduler(TrialScheduler):
-    """``inner`` (ASHA or FIFO) with its state kept in ``state_path``."""
+    """``inner`` (ASHA or FIFO) with its state kept in ``state_dir``."""
 
-    def __init__(self, inner: TrialScheduler | None, state_path: str | Path) -> None:
+    def __init__(self, inner: TrialScheduler | None, state_dir: str | Path) -> None:
         super().__init__()
         self.inner = inner if inner is not None else FIFOScheduler()
-        self.state_path = str(state_path)
+        self.state_dir = str(state_dir)
+        self.state_path = str(Path(state_dir) / SCHEDULER_FILE)
         self._supports_buffered_results = self.inner.supports_buffered_results
         self._stopped: set[str] = set()
         self._snapshotted: set[str] = set()
@@ -104,7 +112,8 @@ class DurableScheduler(TrialScheduler):
         new = [t.trial_id for t in tune_controller.get_trials()
                if t.trial_id not in self._snapshotted]
         if new:
-            _snapshot(tune_controller)
+            phase = _snapshot(tune_controller)
+            backup_state(phase, Path(self.state_dir) / BACKUP)
             self._snapshotted.update(new)
         return self.inner.choose_trial_to_run(tune_controller)
 
@@ -112,12 +121,12 @@ class DurableScheduler(TrialScheduler):
         return self.inner.debug_string()
 
 
-def _snapshot(tune_controller: Any) -> None:
-    """Write Tune's experiment state (trials + searcher) now, wait until it is stored in the
-    phase directory, and keep a copy of it there."""
+def _snapshot(tune_controller: Any) -> Path:
+    """Write Tune's experiment state (trials + searcher) now and wait until it is stored in
+    the phase (experiment) directory, which is returned."""
     controller = getattr(tune_controller, "_tune_controller", tune_controller)
     controller.checkpoint(force=True, wait=True)
-    backup_state(Path(controller.experiment_path))
+    return Path(controller.experiment_path)
 
 
 # ------------------------------------------------------------- Tune's state files
@@ -125,7 +134,6 @@ def _snapshot(tune_controller: Any) -> None:
 # callback-states, one set per driver session, named by the session's start time
 _STATE = re.compile(r"^(experiment_state|search_gen_state|searcher-state|basic-variant-state|"
                     r"callback-states)-(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)\.(json|pkl)$")
-BACKUP = ".hescape_state"
 
 
 def _newest_session(phase: Path) -> list[Path]:
@@ -152,14 +160,13 @@ def _readable(path: Path) -> bool:
     return False
 
 
-def backup_state(phase: Path) -> None:
-    """Copy the newest complete set of state files to ``phase/.hescape_state/<n>`` and point
-    ``current`` at it (atomically), so a half-copied set is never the current backup."""
+def backup_state(phase: Path, root: Path) -> None:
+    """Copy the newest complete set of Tune's state files in ``phase`` to ``root/<n>`` and
+    point ``root/current`` at it (atomically): a half-copied set is never the current one."""
     files = _newest_session(phase)
     if not files or not all(_readable(p) for p in files):
         return
-    root = phase / BACKUP
-    root.mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     current = _current(root)
     target = root / str(int(current.name) + 1 if current is not None else 0)
     shutil.rmtree(target, ignore_errors=True)
@@ -181,14 +188,14 @@ def _current(root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def repair_state(phase: Path) -> bool:
-    """Before a restore: if the newest session's state files are not all readable (the driver
-    died while Tune copied them), drop them and put the last backup in their place. True if
-    a repair was needed."""
+def repair_state(phase: Path, root: Path) -> bool:
+    """Before a restore: if the newest session's state files in ``phase`` are not all
+    readable (the driver died while Tune copied them), drop them and put the last backup
+    (``backup_state(phase, root)``) in their place. True if a repair was needed."""
     files = _newest_session(phase)
     if all(_readable(p) for p in files):
         return False
-    backup = _current(phase / BACKUP)
+    backup = _current(root)
     if backup is None:
         raise RuntimeError(f"{phase}: Tune's state files {[p.name for p in files]} are cut short "
                            "and there is no complete copy to restore from; start the study "

@@ -172,7 +172,6 @@ class _Trial:
 def _train_and_evaluate(trial: _Trial, prepared: Any) -> dict[str, Any]:
     """Train what remains, evaluate the best checkpoint unless already logged; the final
     report (last training report + evaluation)."""
-
     from hescape.train import fit
     from hescape.train.inputs import prepared_entry_path
 

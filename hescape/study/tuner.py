@@ -8,12 +8,13 @@ into the grid). Run names are stable (no timestamps) so ``Tuner.restore`` finds 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from hescape.config import StudyConfig
 from hescape.study.callbacks import ConsoleProgress, MlflowCloser
-from hescape.study.durable import DurableScheduler, repair_state
+from hescape.study.durable import BACKUP, DurableScheduler, repair_state
 from hescape.study.reporting import TIME_ATTR, objectives, scheduler_metric
 from hescape.study.resources import TrialResources
 from hescape.study.space import SEED_KEY, define_by_run, grid_points, with_seeds
@@ -21,11 +22,15 @@ from hescape.study.trial import SharedContext, run_trial
 
 __all__ = ["build_tuner", "objectives", "phase_dir", "restore_tuner", "seed_points"]
 
-SCHEDULER_STATE = "hescape_scheduler.pkl"  # DurableScheduler's state, in the phase directory
-
-
 def phase_dir(shared: SharedContext, phase: str) -> Path:
+    """Tune's experiment directory of ``phase``."""
     return Path(shared.study_dir) / "tune" / phase
+
+
+def resume_dir(shared: SharedContext, phase: str) -> Path:
+    """The driver's own resume state of ``phase`` (scheduler, copies of Tune's state): never
+    inside Tune's directory, whose files a restored Tune run copies back over newer ones."""
+    return Path(shared.study_dir) / "resume" / phase
 
 
 def set_tune_output(verbose: bool) -> None:
@@ -59,7 +64,7 @@ def _searcher(cfg: StudyConfig, base: dict[str, Any]):
     )
 
 
-def _scheduler(cfg: StudyConfig, path: Path, phase: str) -> DurableScheduler:
+def _scheduler(cfg: StudyConfig, state: Path, phase: str) -> DurableScheduler:
     """ASHA in the search phase when asked (on training steps: a restored trial's Tune
     iteration count restarts, its step does not), else FIFO; both kept durable."""
     sched = scheduler_metric(cfg) if phase == "search" else None
@@ -74,7 +79,7 @@ def _scheduler(cfg: StudyConfig, path: Path, phase: str) -> DurableScheduler:
             max_t=tc.max_steps + 1,  # never reached: a trial that trains to the end evaluates
             grace_period=min(cfg.sweep.grace_period, n_evals) * tc.eval_every,
             reduction_factor=2)
-    return DurableScheduler(inner, path / SCHEDULER_STATE)
+    return DurableScheduler(inner, state)
 
 
 def _trainable(cfg: StudyConfig, shared: SharedContext, res: TrialResources):
@@ -114,11 +119,11 @@ def build_tuner(
         search_alg, param_space, num_samples = None, {"point": tune.grid_search(points)}, 1
     else:
         search_alg, param_space, num_samples = _searcher(cfg, base), {}, cfg.sweep.num_samples
-    state = phase_dir(shared, phase) / SCHEDULER_STATE
-    state.unlink(missing_ok=True)  # a fresh phase starts with a fresh scheduler
+    state = resume_dir(shared, phase)
+    shutil.rmtree(state, ignore_errors=True)  # a fresh phase starts with a fresh scheduler
     tune_config = tune.TuneConfig(
         search_alg=search_alg,
-        scheduler=_scheduler(cfg, phase_dir(shared, phase), phase),
+        scheduler=_scheduler(cfg, state, phase),
         num_samples=num_samples,
         max_concurrent_trials=concurrency,
         # a trial actor is reused for the next trial: no process start, imports or numba
@@ -144,7 +149,7 @@ def restore_tuner(
     path = phase_dir(shared, phase)
     if not tune.Tuner.can_restore(str(path)):
         return build_tuner(cfg, shared, res, concurrency, phase, points=points)
-    if repair_state(path):
+    if repair_state(path, resume_dir(shared, phase) / BACKUP):
         print(f"[study] {phase}: Tune's last state files were cut short by the interruption; "
               "restored from the copy of the last complete one", flush=True)
     tuner = tune.Tuner.restore(

@@ -102,8 +102,9 @@ def _tune_trials(phase_dir: Path) -> dict[str, dict]:
     try:
         data = json.loads(newest.read_text())
     except ValueError:
-        current = (phase_dir / BACKUP / "current").read_text().strip()
-        data = json.loads((phase_dir / BACKUP / current / newest.name).read_text())
+        backup = phase_dir.parents[1] / "resume" / phase_dir.name / BACKUP
+        current = (backup / "current").read_text().strip()
+        data = json.loads((backup / current / newest.name).read_text())
     trials = {}
     for item in data["trial_data"]:
         state = json.loads(item[0]) if isinstance(item[0], str) else item[0]

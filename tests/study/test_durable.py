@@ -18,14 +18,14 @@ def _trial(trial_id: str):
     return Trial("run_trial", config={}, trial_id=trial_id, stub=True)
 
 
-def _asha(path):
+def _asha(state_dir):
     from ray.tune.schedulers import ASHAScheduler
 
     from hescape.study.durable import DurableScheduler
 
     inner = ASHAScheduler(time_attr="step", metric="val/r5_img2gene", mode="max", max_t=7,
                           grace_period=3, reduction_factor=2)
-    return DurableScheduler(inner, path)
+    return DurableScheduler(inner, state_dir)
 
 
 def _result(step: int, value: float) -> dict:
@@ -35,7 +35,7 @@ def _result(step: int, value: float) -> dict:
 def test_asha_decisions_survive_a_restored_phase(tmp_path):
     from ray.tune.schedulers import TrialScheduler
 
-    state = tmp_path / "hescape_scheduler.pkl"
+    state = tmp_path / "resume"
     before = _asha(state)
     t1, t2, t3 = _trial("t1"), _trial("t2"), _trial("t3")
     for t in (t1, t2):
@@ -53,7 +53,7 @@ def test_asha_decisions_survive_a_restored_phase(tmp_path):
     # t1's rung value is remembered: t3 is compared with t1 and t2 (cutoff 0.3), as it
     # would have been without the interruption (a fresh ASHA lets it continue)
     assert after.on_trial_result(None, t3, _result(3, 0.2)) == TrialScheduler.STOP
-    fresh = _asha(tmp_path / "other.pkl")
+    fresh = _asha(tmp_path / "other")
     fresh.on_trial_add(None, t3)
     assert fresh.on_trial_result(None, t3, _result(3, 0.2)) == TrialScheduler.CONTINUE
     # a result already recorded (a restored trial re-reporting its checkpoint) changes nothing
@@ -67,27 +67,26 @@ def _state_files(phase, session: str, value: int) -> None:
 
 
 def test_state_cut_short_by_a_kill_is_put_back_from_the_last_copy(tmp_path):
-    from hescape.study.durable import BACKUP, backup_state, repair_state
+    from hescape.study.durable import backup_state, repair_state
 
-    phase = tmp_path / "search"
+    phase, root = tmp_path / "search", tmp_path / "resume" / "tune_state"
     phase.mkdir()
     _state_files(phase, "2026-01-01_00-00-00", 1)  # an older session: never the one restored
     session = "2026-01-02_00-00-00"
     _state_files(phase, session, 2)
-    backup_state(phase)
+    backup_state(phase, root)
     _state_files(phase, session, 3)
-    backup_state(phase)  # the newest complete copy replaces the older one
-    assert (phase / BACKUP / "current").read_text() == "1"
-    assert not (phase / BACKUP / "0").exists()
-    assert repair_state(phase) is False  # nothing cut short: nothing touched
+    backup_state(phase, root)  # the newest complete copy replaces the older one
+    assert (root / "current").read_text() == "1" and not (root / "0").exists()
+    assert repair_state(phase, root) is False  # nothing cut short: nothing touched
 
     state = phase / f"experiment_state-{session}.json"
     state.write_text(state.read_text()[:7])  # the kill hit Tune's in-place copy
-    assert repair_state(phase) is True
+    assert repair_state(phase, root) is True
     assert json.loads(state.read_text()) == {"trials": 3}
     assert pickle.loads((phase / f"searcher-state-{session}.pkl").read_bytes()) == {"n": 3}
 
     (phase / f"searcher-state-{session}.pkl").write_bytes(b"\x80\x05")
-    shutil.rmtree(phase / BACKUP)
+    shutil.rmtree(root)
     with pytest.raises(RuntimeError, match="--overwrite"):
-        repair_state(phase)
+        repair_state(phase, root)
