@@ -1,0 +1,118 @@
+"""Atomic file writes: the one home for "write a temporary file, fsync, rename, clean up".
+
+Every file the project leaves on disk for another process (caches, checkpoints, reports,
+study state) is written through here, so a crash or a full disk never leaves a half-written
+file under the final name: readers see the old content or the new, never a mix.
+
+- ``write_bytes`` / ``write_text`` / ``write_json``: small files from memory.
+- ``atomic_path(path)``: a context manager yielding a temporary path in the same directory,
+  for libraries that write to a filename themselves (``np.save``, ``savefig``,
+  ``AnnData.write_h5ad``, ``DataFrame.to_csv``); on success it is fsynced and renamed onto
+  ``path``, on error removed.
+- ``replace_dir(tmp_dir, target)``: swap a fully written directory into place.
+
+The temporary name starts with ``.`` and ends with ``.tmp`` (plus the original suffix, so
+libraries that look at suffixes still work), in the target's directory (``os.replace`` is
+atomic only within one filesystem).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_path", "replace_dir", "write_bytes", "write_json", "write_text", "write_with"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (best effort: not every platform allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _tmp_name(path: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], *, mkdir: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``."""
+    path = Path(path)
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_str = _tmp_name(path)
+    os.close(fd)
+    tmp = Path(tmp_str)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_with(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
+    """Atomically write ``path`` by calling ``write(binary file handle)``."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+    return path
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Atomically replace ``path`` with ``data``."""
+    return write_with(path, lambda fh: fh.write(data))
+
+
+def write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> Path:
+    """Atomically replace ``path`` with ``text``."""
+    return write_bytes(path, text.encode(encoding))
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 1,
+               default: Callable[[Any], Any] | None = str) -> Path:
+    """Atomically replace ``path`` with ``obj`` as JSON (serialised before anything is written)."""
+    return write_text(path, json.dumps(obj, indent=indent, default=default))
+
+
+def replace_dir(tmp_dir: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Move the finished directory ``tmp_dir`` onto ``target`` (same filesystem).
+
+    An existing ``target`` is first renamed aside and removed only after the new one is in
+    place, so a crash in between leaves either the old or the new directory under ``target``
+    (and at worst a ``.<name>.old`` directory beside it).
+    """
+    tmp_dir, target = Path(tmp_dir), Path(target)
+    trash = None
+    if target.exists():
+        trash = target.with_name(f".{target.name}.old")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(target, trash)
+    os.replace(tmp_dir, target)
+    _fsync_dir(target.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return target
