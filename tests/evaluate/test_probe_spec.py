@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import make_synthetic
+from synthetic_data import make_synthetic
 
 from hescape.config import EvalConfig
 from hescape.evaluate.baselines import comparison_table
