@@ -144,7 +144,7 @@ IMPORTS: dict[str, tuple[str, ...]] = {
     "pre_scvi": ("hescape.data", "hescape.preprocess", "scvi"),
     "features": ("hescape.data", "hescape.models", "hescape.train.features", "timm"),
     "trial": ("hescape.train", "hescape.train.runner", "hescape.train.loop", "hescape.models",
-              "hescape.evaluate.retrieval", "sklearn.neighbors"),
+              "hescape.metrics.retrieval", "sklearn.neighbors"),
     "evaluate": ("hescape.evaluate.checkpoint_eval", "hescape.evaluate.pipeline", "umap",
                  "matplotlib.pyplot", "sklearn.linear_model"),
 }

@@ -1,4 +1,4 @@
-"""4. Whole-set retrieval: blocked ranks (``hescape.evaluate.retrieval``) vs naive N x N argsort.
+"""4. Whole-set retrieval: blocked ranks (``hescape.metrics.retrieval``) vs naive N x N argsort.
 
 Each measurement runs in a fresh subprocess (``python -m benchmarks.retrieval --worker ...``)
 so its peak memory is its own: ``tracemalloc`` peak (numpy reports its buffers to it) and
@@ -38,7 +38,7 @@ def embeddings(n: int, dim: int = DIM, seed: int = 0) -> tuple[np.ndarray, np.nd
 
 def naive_ranks(query: np.ndarray, cand: np.ndarray) -> np.ndarray:
     """Rank of the true partner via the full N x N similarity and a per-row argsort."""
-    from hescape.evaluate.retrieval import l2_normalize
+    from hescape.metrics.retrieval import l2_normalize
 
     q, c = l2_normalize(query), l2_normalize(cand)
     sims = q @ c.T
@@ -53,7 +53,7 @@ def worker(mode: str, n: int) -> dict[str, float]:
     import resource
     import tracemalloc
 
-    from hescape.evaluate.retrieval import rank_of_true
+    from hescape.metrics.retrieval import rank_of_true
 
     img, gene = embeddings(n)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,46 +1,93 @@
-"""A tiny name -> factory registry (the timm ``_registry`` idea, ~40 lines).
+"""One registry type for every extension point (the timm ``_registry`` idea).
 
-Registries drive construction (``create``), validation at config load (``__contains__``)
-and the test matrix (``names()``).
+A :class:`Registry` maps a name to an entry: a frozen, keyword-only spec object (a
+preprocessing method, a probe, a gene encoder, an image preset, a loss) or a plain factory.
+Registries drive construction, validation at config load (``__contains__``,
+``unknown_message``) and the test matrix (``names()``).
+
+Registries that config validation reads are light (no torch): their specs point at the
+implementation with a ``hescape.lazy.Ref`` (``"package.module:attr"``), imported on use.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps a name to a factory returning ``T``."""
+    """Maps a name to an entry ``T`` (a spec, or a factory returning what ``create`` builds)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._factories: dict[str, Callable[..., T]] = {}
+        self._entries: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        def deco(fn: Callable[..., T]) -> Callable[..., T]:
-            if name in self._factories:
-                raise ValueError(f"{self.kind} {name!r} registered twice")
-            self._factories[name] = fn
-            return fn
+    def add(self, entry: T, *, name: str | None = None) -> T:
+        """Register ``entry`` under ``name`` (default ``entry.name``); a name is taken once."""
+        key = name if name is not None else getattr(entry, "name", None)
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{self.kind}: entry {entry!r} has no name; pass name=")
+        if key in self._entries:
+            raise ValueError(f"{self.kind} {key!r} registered twice")
+        self._entries[key] = entry
+        return entry
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator form of :meth:`add` for factories: ``@REG.register("name")``."""
+
+        def deco(entry: T) -> T:
+            return self.add(entry, name=name)
 
         return deco
 
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` and return its entry (tests that register a temporary entry)."""
+        if name not in self._entries:
+            raise KeyError(self.unknown_message(name))
+        return self._entries.pop(name)
+
+    @contextmanager
+    def temporarily(self, entry: T, *, name: str | None = None) -> Iterator[T]:
+        """Register ``entry`` for the duration of a ``with`` block."""
+        self.add(entry, name=name)
+        key = name if name is not None else entry.name  # type: ignore[attr-defined]
+        try:
+            yield entry
+        finally:
+            self._entries.pop(key, None)
+
+    def get(self, name: str) -> T:
+        """The entry registered as ``name``; KeyError with close matches if unknown."""
+        if name not in self._entries:
+            raise KeyError(self.unknown_message(name))
+        return self._entries[name]
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the factory registered as ``name`` (registries of factories)."""
+        return self.get(name)(*args, **kwargs)  # type: ignore[operator]
+
     def names(self) -> list[str]:
-        return sorted(self._factories)
+        return sorted(self._entries)
+
+    def entries(self) -> list[T]:
+        """Every entry, sorted by name."""
+        return [self._entries[n] for n in self.names()]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._factories
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def problem(self, name: str) -> str | None:
+        """None when ``name`` is registered, else :meth:`unknown_message`."""
+        return None if name in self._entries else self.unknown_message(name)
 
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(name, self.names(), n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}"
-
-    def create(self, name: str, *args: Any, **kwargs: Any) -> T:
-        if name not in self._factories:
-            raise KeyError(self.unknown_message(name))
-        return self._factories[name](*args, **kwargs)

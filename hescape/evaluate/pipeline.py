@@ -36,7 +36,7 @@ from hescape.evaluate.probe_spec import (
     metric_key,
     probe_specs,
 )
-from hescape.evaluate.retrieval import l2_normalize
+from hescape.metrics.retrieval import l2_normalize
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,7 @@ def register_probe(
     tasks: Mapping[str, str] | None = None,
     headline: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., ProbeResult]], Callable[..., ProbeResult]]:
-    """Decorator: register ``run`` as probe ``name`` (``PROBES.create(name)`` gives its spec)."""
+    """Decorator: register ``run`` as probe ``name`` (``PROBES.get(name)`` gives its spec)."""
     unknown = set(obs) - set(OBS_ROLES)
     if unknown:
         raise ValueError(f"probe {name!r}: unknown obs roles {sorted(unknown)}; use {OBS_ROLES}")
@@ -206,7 +206,7 @@ def register_probe(
                          needs_expression=needs_expression,
                          predicts_expression=predicts_expression, tasks=dict(tasks or {}),
                          headline=tuple(headline))  # fmt: skip
-        PROBES.register(name)(lambda: spec)
+        PROBES.add(spec)
         return run
 
     return deco
@@ -217,7 +217,7 @@ def probe_specs() -> list[ProbeSpec]:
     registers the built-in ones)."""
     import hescape.evaluate.suite  # noqa: F401 - registers the probes
 
-    specs = [PROBES.create(name) for name in PROBES.names()]
+    specs = PROBES.entries()
     return sorted(specs, key=lambda s: (s.scope != "pair", s.name))
 
 

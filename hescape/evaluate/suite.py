@@ -14,10 +14,6 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from hescape.evaluate.hest import HestUnavailable, hest_probe
-from hescape.evaluate.mixing import MIXING_KEYS, mixing_metrics
-from hescape.evaluate.mutation import mutation_probe
-from hescape.evaluate.pearson import per_donor_means
 from hescape.evaluate.probe_spec import (  # noqa: F401 - PROBES re-exported, filled here
     PER_DONOR_COLUMNS,
     PROBES,
@@ -25,13 +21,17 @@ from hescape.evaluate.probe_spec import (  # noqa: F401 - PROBES re-exported, fi
     ProbeResult,
     register_probe,
 )
-from hescape.evaluate.probes import (
+from hescape.metrics.hest import HestUnavailable, hest_probe
+from hescape.metrics.mixing import MIXING_KEYS, mixing_metrics
+from hescape.metrics.mutation import mutation_probe
+from hescape.metrics.pearson import per_donor_means
+from hescape.metrics.probes import (
     label_probe,
     present,
     retrieval_expression_probe,
     ridge_per_donor_probe,
 )
-from hescape.evaluate.retrieval import (
+from hescape.metrics.retrieval import (
     cross_modal_retrieval,
     fixed_gallery_retrieval,
     recall_by_donor,
@@ -133,7 +133,7 @@ HEST_METRICS = ("hest_pearson_mean", "hest_pearson_median", "hest_pearson_std", 
     tasks={"expression Pearson (HEST)": "hest_pearson_mean"}, headline=("hest_pearson_mean",),
 )  # fmt: skip
 def hest(feats: np.ndarray, data: EvalData) -> ProbeResult | None:
-    """HEST-Benchmark's exact recipe (``hest.py``); NaN with the reason when it cannot run."""
+    """HEST-Benchmark's exact recipe (``hescape.metrics.hest``); NaN with the reason when it cannot run."""
     tr, te, cfg = data.train_idx, data.test_idx, data.cfg
     if cfg.probe_protocol == "per_donor":
         return None

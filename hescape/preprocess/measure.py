@@ -33,7 +33,7 @@ def measure_variant(
     features are reduced to 50 PCs first, so genes and latents are compared alike.
     ``pre/n_batches`` is the number of batches among the measured rows.
     """
-    from hescape.evaluate.mixing import mixing_metrics
+    from hescape.metrics.mixing import mixing_metrics
 
     batches = check_batch_key(adata, batch_key, need_batches=False)
     keep = np.ones(adata.n_obs, dtype=bool) if rows is None else np.zeros(adata.n_obs, bool)

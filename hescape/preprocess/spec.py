@@ -108,8 +108,7 @@ METHODS: Registry[MethodSpec] = Registry("expression preprocessing method")
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Register ``spec`` under ``spec.name`` (once); returns it."""
-    METHODS.register(spec.name)(lambda: spec)
-    return spec
+    return METHODS.add(spec)
 
 
 def load_methods() -> None:
@@ -131,7 +130,7 @@ def get_method(name: str) -> MethodSpec:
     load_methods()
     if name not in METHODS:
         raise ValueError(METHODS.unknown_message(name))
-    return METHODS.create(name)
+    return METHODS.get(name)
 
 
 def options_of(cfg: Any) -> MethodOptions | None:

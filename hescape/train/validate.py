@@ -100,7 +100,7 @@ def validate(model: torch.nn.Module, data: Any, cfg: StudyConfig, *,
     Donor predictability is probed on the validation donors when there are >= 2 of them,
     else on a fixed sample of training spots (``val/donor_probe_heldout`` says which).
     """
-    from hescape.evaluate import cross_modal_retrieval
+    from hescape.metrics.retrieval import cross_modal_retrieval
 
     ec = cfg.eval
     loss_fn = create_loss(cfg.loss)

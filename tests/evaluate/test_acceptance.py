@@ -7,7 +7,7 @@ a frozen ImageNet EfficientNet-Lite0 image tower, and everything through the pro
 (a) Held-out retrieval (whole test set, image -> gene, ``evaluate_checkpoint``): the trained
     model against the same architecture at its step-0 weights (exactly the weights the
     training loop starts from: ``build_model_and_optimizer``), and against chance.
-(b) Batch mixing of the GENE embedding (``hescape.evaluate.mixing``) with the donor adversary
+(b) Batch mixing of the GENE embedding (``hescape.metrics.mixing``) with the donor adversary
     on (gene tower, weight 1) vs off, same seeds. Measured on the training donors' spots:
     the adversary can only remove the donor signal of donors it is trained on. On the
     held-out donors its effect on iLISI was not consistent across seeds (measured while
@@ -104,7 +104,7 @@ def step0_checkpoint(cfg, like: Path, out: Path) -> Path:
 def gene_mixing_on_training_donors(ckpt: Path, data: Path) -> dict[str, float]:
     """Batch-mixing metrics (donor as batch, state as label) of the gene embedding."""
     from hescape.data import load_paired
-    from hescape.evaluate.mixing import mixing_metrics
+    from hescape.metrics.mixing import mixing_metrics
     from hescape.train.embed import embed_split
 
     paired = load_paired(data)

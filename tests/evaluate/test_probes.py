@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hescape.evaluate.pearson import pearson_by_donor, per_donor_means
-from hescape.evaluate.probes import (
+from hescape.metrics.pearson import pearson_by_donor, per_donor_means
+from hescape.metrics.probes import (
     label_probe,
     retrieval_expression_probe,
     ridge_per_donor_probe,

@@ -166,8 +166,8 @@ def test_reference_level_is_the_base_value_or_the_first_level():
 def test_point_estimates_reproduce_the_evaluations_headline_figures():
     """Per-donor rows from the real evaluation code: recall weighted by spots gives the
     whole-set Recall@k, the per-donor Pearson mean the probe's figure."""
-    from hescape.evaluate.pearson import pearson_by_donor, per_donor_means
-    from hescape.evaluate.retrieval import cross_modal_retrieval, recall_by_donor, retrieval_ranks
+    from hescape.metrics.pearson import pearson_by_donor, per_donor_means
+    from hescape.metrics.retrieval import cross_modal_retrieval, recall_by_donor, retrieval_ranks
 
     rng = np.random.default_rng(5)
     donors = np.repeat(["d0", "d1", "d2", "d3"], [40, 80, 25, 55])

@@ -7,7 +7,7 @@ cut to 15 / 50 / 90 neighbours as the Benchmarker does (it uses pynndescent's ap
 search; exact and approximate lists coincide on the reference inputs), on the measured rows
 (a seeded, batch-stratified subsample above ``subsample`` rows; the Benchmarker uses all).
 Every figure is in [0, 1], higher is better. tests/data/scib_reference holds scib-metrics'
-own values on real (STARmap) and simulated inputs; tests/evaluate/test_mixing.py checks these
+own values on real (STARmap) and simulated inputs; tests/metrics/test_mixing.py checks these
 against them. ``backend="scib"`` computes the same keys with scib-metrics itself (optional
 extra ``scib``), approximate neighbours and all.
 
@@ -62,7 +62,7 @@ from sklearn.metrics import (
     silhouette_score,
 )
 
-from hescape.evaluate.kbet import kbet_acceptance, kbet_per_label, knn_with_self
+from hescape.metrics.kbet import kbet_acceptance, kbet_per_label, knn_with_self
 
 NEIGHBOURS = {"graph": 15, "kbet": 50, "lisi": 90}  # scib-metrics Benchmarker's lists
 BATCH_KEYS = ("ilisi", "kbet_global")

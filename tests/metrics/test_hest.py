@@ -11,7 +11,7 @@ from sklearn.linear_model import Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from hescape.evaluate.hest import HestUnavailable, hest_probe
+from hescape.metrics.hest import HestUnavailable, hest_probe
 
 
 def _data(n_train=300, n_test=150, dim=300, genes=40, seed=0):

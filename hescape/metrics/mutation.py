@@ -1,24 +1,22 @@
 """Slide/donor-level label probe (e.g. mutation status) that says when it cannot answer.
 
-Patch embeddings are aggregated per group (slide, else donor; mean pooling or attention-MIL)
-and classified with donor-grouped cross-validation (no donor on both sides of a fold).
+Patch embeddings are mean-pooled per group (slide, else donor) and classified with
+donor-grouped cross-validation (no donor on both sides of a fold).
 
 - Power gate: every class needs ``min_donors_per_class`` donors and every training fold >= 2
   donors per class; otherwise every figure is NaN, ``mutation_underpowered`` is 1.0 and the
-  reason is returned (and warned). On 7 donors (3 / 4) AUROC moves in steps of 1/12 and the
-  exact permutation null has sd ~0.3: no figure is better than a misleading one.
+  reason is returned (and warned): below that, AUROC moves in coarse steps and the
+  permutation null is wide (docs/measurements.md), so no figure is given.
 - ``mutation_auroc`` is the mean of per-fold AUROCs (each from ONE fitted model), never an
   AUROC pooled over separately fitted fold models.
 - ``mutation_auroc_pvalue``: donor-level label permutation, the whole CV redone; exact
   over all distinct labelings when there are at most ``n_permutations`` of them (p counts
   the observed one), else Monte Carlo (seeded), p = (1 + #{null >= observed}) / (1 + B).
 - ``mutation_auroc_ci_low`` / ``_high``: 95% percentile interval of a donor bootstrap
-  (donors resampled with replacement within class, the whole CV refit on each resample).
-  A bootstrap that keeps the fitted fold models and only resamples test donors was tried
-  first: it ignores training variability and excluded 0.5 on 2 of 10 null cohorts.
+  (donors resampled with replacement within class, the whole CV refit on each resample,
+  so training variability is part of the interval).
 
-Labels must be constant within a donor (donor-level). numpy / sklearn only (attention-MIL
-imports torch lazily).
+Labels must be constant within a donor (donor-level). numpy / sklearn only.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import itertools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -38,7 +35,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from hescape.evaluate.probes import present
+from hescape.metrics.probes import present
 
 NAN = float("nan")
 
@@ -97,17 +94,11 @@ class _Fitter:
     (indices into the cohort's groups; a bootstrap may repeat a group)."""
 
     def __init__(self, emb: np.ndarray, rows: list[np.ndarray], n_classes: int,
-                 aggregate: str, seed: int) -> None:  # fmt: skip
-        self.n_classes, self.aggregate, self.seed = n_classes, aggregate, seed
-        self.bags = [emb[r] for r in rows]
-        self.means = np.stack([b.mean(axis=0) for b in self.bags])
+                 seed: int) -> None:  # fmt: skip
+        self.n_classes, self.seed = n_classes, seed
+        self.means = np.stack([emb[r].mean(axis=0) for r in rows])
 
     def __call__(self, tr: np.ndarray, y_tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-        if self.aggregate == "attention":
-            from hescape.evaluate.mil import fit_predict_mil
-
-            return fit_predict_mil([self.bags[i] for i in tr], y_tr, [self.bags[i] for i in te],
-                                   self.n_classes, seed=self.seed)  # fmt: skip
         model = make_pipeline(StandardScaler(), LogisticRegression(
             max_iter=2000, class_weight="balanced", random_state=self.seed))  # fmt: skip
         model.fit(self.means[tr], y_tr)
@@ -243,7 +234,6 @@ def mutation_probe(
     labels: Sequence | np.ndarray,
     donors: Sequence | np.ndarray,
     encoder_donors: Sequence = (),
-    aggregate: Literal["mean", "attention"] = "mean",
     cv_folds: int = 5,
     min_donors_per_class: int = 10,
     n_permutations: int = 200,
@@ -255,8 +245,6 @@ def mutation_probe(
     ``encoder_donors``: donors the evaluated encoder was trained on (counted in
     ``mutation_n_encoder_donors``; they are probed too).
     """
-    if aggregate not in ("mean", "attention"):
-        raise ValueError(f"aggregate must be 'mean' or 'attention', got {aggregate!r}")
     emb = np.asarray(emb, dtype=np.float32)
     g = _groups(emb, group_ids, labels, donors)
     classes, y = np.unique(g["label"], return_inverse=True)
@@ -280,7 +268,7 @@ def mutation_probe(
         warnings.warn(f"mutation probe underpowered, no figure: {reason}", UserWarning,
                       stacklevel=2)  # fmt: skip
         return out, reason
-    fit = _Fitter(emb, g["rows"], len(classes), aggregate, seed)
+    fit = _Fitter(emb, g["rows"], len(classes), seed)
     with threadpool_limits(limits=1):  # thousands of tiny fits: BLAS threads only cost here
         aucs, baccs = _cv(fit, y, folds)
         observed = _mean(aucs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hescape.evaluate.retrieval import (
+from hescape.metrics.retrieval import (
     cross_modal_retrieval,
     fixed_gallery_retrieval,
     l2_normalize,

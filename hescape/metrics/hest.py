@@ -35,7 +35,7 @@ from sklearn.linear_model import Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from hescape.evaluate.pearson import pearson_columns
+from hescape.metrics.pearson import pearson_columns
 
 HEST_PCA_DIM = 256
 HEST_ALPHA_NUMERATOR = 100.0

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import silhouette_score
 
-from hescape.evaluate.kbet import kbet_acceptance, kbet_per_label, knn_with_self
-from hescape.evaluate.mixing import (
+from hescape.metrics.kbet import kbet_acceptance, kbet_per_label, knn_with_self
+from hescape.metrics.mixing import (
     MIXING_KEYS,
     graph_connectivity,
     lisi,

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from hescape.evaluate.mutation import (
+from hescape.metrics.mutation import (
     donor_folds,
     labelings,
     mutation_probe,

@@ -21,8 +21,8 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from hescape.evaluate.pearson import pearson_by_donor
-from hescape.evaluate.retrieval import topk_blocked
+from hescape.metrics.pearson import pearson_by_donor
+from hescape.metrics.retrieval import topk_blocked
 
 
 # ----------------------------------------------------------------------- expression
