@@ -11,12 +11,24 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from hescape.losses.spec import LOSSES
+from hescape.models.presets import check_image_encoder_name
+from hescape.models.spec import GENE_ENCODERS, PROJECTIONS, gene_input_problem
 from hescape.preprocess.spec import expression_model
+from hescape.registry import Registry
 
 
 class ConfigError(ValueError):
@@ -25,6 +37,23 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def registry_name(registry: Registry) -> Any:
+    """A ``str`` field whose value must be a name in ``registry`` (light registries only:
+    every validation of a config runs it)."""
+
+    def check(name: str) -> str:
+        problem = registry.problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
+    return Annotated[str, AfterValidator(check)]
+
+
+LossName = registry_name(LOSSES)  # hescape.losses.spec
+ProjectionName = registry_name(PROJECTIONS)  # hescape.models.spec
 
 
 # --------------------------------------------------------------------------- data
@@ -118,12 +147,12 @@ class ModelConfig(Strict):
     image: ImageEncoderConfig = ImageEncoderConfig()
     gene: GeneEncoderConfig = GeneEncoderConfig()
     embed_dim: int = Field(128, ge=2)
-    projection: Literal["linear", "mlp"] = "mlp"
+    projection: ProjectionName = "mlp"
     adversary: AdversaryConfig = AdversaryConfig()
 
 
 class LossConfig(Strict):
-    name: Literal["clip", "siglip"] = "clip"
+    name: LossName = "clip"
     init_temperature: float = Field(0.07, gt=0.01, le=1.0)
     learn_temperature: bool = True
     siglip_init_bias: float = -10.0
@@ -389,29 +418,25 @@ def validate_config(data: dict[str, Any], source: str = "<config>") -> StudyConf
     return cfg
 
 
-def check_names(cfg: StudyConfig, source: str = "<config>") -> None:
-    """Validate encoder names against the registries (lazy import: models pull in torch)."""
-    from hescape.models import check_gene_encoder_name, check_image_encoder_name
+NAME_CHECKS = {"model.image.name": check_image_encoder_name,
+               "model.gene.name": GENE_ENCODERS.problem}  # fmt: skip
 
+
+def check_names(cfg: StudyConfig, source: str = "<config>") -> None:
+    """Encoder names (and swept values) against the registries, then the gene encoder /
+    preprocessing pair. Light registries: no torch, except an image name that is not a
+    preset, which only timm's own list can check (``check_image_encoder_name``)."""
     problems: list[str] = []
-    names = {"model.image.name": [cfg.model.image.name], "model.gene.name": [cfg.model.gene.name]}
-    if cfg.sweep is not None:
-        for key in ("model.image.name", "model.gene.name"):
-            if key in cfg.sweep.params and cfg.sweep.params[key].values:
-                names[key] = names[key] + [str(v) for v in cfg.sweep.params[key].values]
-    for key, values in names.items():
-        check = check_image_encoder_name if key == "model.image.name" else check_gene_encoder_name
-        for value in values:
-            msg = check(value)
-            if msg:
-                problems.append(f"  - {key}: {msg}")
+    swept, data = (cfg.sweep.params if cfg.sweep is not None else {}), cfg.model_dump()
+    for key, check in NAME_CHECKS.items():
+        values = [get_path(data, key)]
+        if key in swept and swept[key].values:
+            values += [str(v) for v in swept[key].values]
+        problems += [f"  - {key}: {msg}" for msg in map(check, values) if msg]
     if problems:
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems))
-    swept = cfg.sweep.params if cfg.sweep is not None else {}
     if not any(k.startswith(("preprocess.expression.", "model.gene.")) for k in swept):
         # (swept pairs are checked per point by hescape.study.space: skipped in a grid)
-        from hescape.models import gene_input_problem
-
         msg = gene_input_problem(cfg.model.gene, cfg.preprocess.expression.model_dump())
         if msg:
             raise ConfigError(f"{source}: invalid configuration\n  - model.gene.name: {msg}")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hescape.config import LossConfig
-from hescape.losses import ClipLoss, SigLipLoss, create_loss, gather_with_grad
+from hescape.losses import LOSSES, ClipLoss, SigLipLoss, create_loss, gather_with_grad
 
 WORLD, LOCAL, IN_DIM, EMB = 2, 6, 10, 8
 
@@ -42,10 +42,14 @@ def _loss_and_grads(name: str, rank: int, world: int, x_img, x_gene):
     img = F.normalize(x_img @ params["w_img"], dim=-1)
     gene = F.normalize(x_gene @ params["w_gene"], dim=-1)
     loss = create_loss(LossConfig(name=name), rank=rank, world_size=world)(
-        img, gene, params["logit_scale"], params["logit_bias"] if name == "siglip" else None
+        img, gene, params["logit_scale"], params["logit_bias"] if _bias(name) else None
     )
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+
+
+def _bias(name: str) -> bool:
+    return LOSSES.get(name).learns_bias
 
 
 def _worker(rank: int, port: int, queue) -> None:
@@ -58,7 +62,7 @@ def _worker(rank: int, port: int, queue) -> None:
     try:
         x_img, x_gene = _data()
         part = slice(rank * LOCAL, (rank + 1) * LOCAL)
-        for name in ("clip", "siglip"):
+        for name in LOSSES.names():
             loss, grads = _loss_and_grads(name, rank, WORLD, x_img[part], x_gene[part])
             for g in grads.values():  # what DDP does: average parameter gradients over workers
                 dist.all_reduce(g)
@@ -77,12 +81,12 @@ def test_two_gloo_workers_match_one_process() -> None:
     mp.start_processes(
         _worker, args=(_free_port(), queue), nprocs=WORLD, join=True, start_method="spawn"
     )
-    results = [queue.get() for _ in range(2 * WORLD)]
-    assert sorted(r[0] for r in results) == ["clip", "clip", "siglip", "siglip"]
+    results = [queue.get() for _ in range(len(LOSSES) * WORLD)]
+    assert sorted(r[0] for r in results) == sorted(LOSSES.names() * WORLD)
     x_img, x_gene = _data()
     for name, loss, grads in results:
         ref_loss, ref_grads = _loss_and_grads(name, 0, 1, x_img, x_gene)
-        assert set(ref_grads) == set(grads) and ("logit_bias" in grads) == (name == "siglip")
+        assert set(ref_grads) == set(grads) and ("logit_bias" in grads) == _bias(name)
         assert loss == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
         for key, ref in ref_grads.items():
             torch.testing.assert_close(torch.from_numpy(grads[key]), ref, rtol=1e-4, atol=1e-6)
@@ -114,3 +118,15 @@ def test_siglip_requires_bias_and_gather_is_identity_for_one_worker() -> None:
         SigLipLoss()(x, x, torch.tensor(0.0), None)
     with pytest.raises(ValueError, match="rank"):
         create_loss(LossConfig(), rank=2, world_size=2)
+
+
+def test_loss_names_come_from_the_registry() -> None:
+    """``loss.name`` is validated against LOSSES (no Literal to keep in step), and
+    ``create_loss`` builds the class the spec names."""
+    from hescape.config import ConfigError, StudyConfig, validate_config
+
+    assert isinstance(create_loss(LossConfig(name="siglip")), SigLipLoss)
+    with pytest.raises(ConfigError, match="loss.name: .*unknown loss 'clp'. Did you mean 'clip'"):
+        validate_config({"loss": {"name": "clp"}})
+    with pytest.raises(ValueError, match="unknown loss"):  # every validation, not only at load
+        StudyConfig.model_validate({"loss": {"name": "clp"}})

@@ -1,63 +1,33 @@
-"""Models: image encoders (timm + presets), gene encoders, heads, donor adversary, TwoTower."""
+"""Models: image encoders (timm + presets), gene encoders, heads, donor adversary, TwoTower.
+
+Lazy exports: ``hescape.models.spec`` and ``hescape.models.presets`` (what a config can
+name) are light; the torch modules load on first access to their names.
+"""
 
 from __future__ import annotations
 
-from hescape.models.adversary import (
-    DonorClassifier,
-    accuracy_vs_chance,
-    adversary_weight,
-    donor_loss,
-    grad_reverse,
-)
-from hescape.models.gene import (
-    GENE_ENCODERS,
-    create_gene_encoder,
-    gene_input_problem,
-    load_gene_encoder,
-    save_gene_encoder,
-)
-from hescape.models.image import (
-    ImageEncoder,
-    check_image_encoder_name,
-    create_image_encoder,
-    image_presets,
-    list_image_encoders,
-)
-from hescape.models.presets import ImagePreset
-from hescape.models.two_tower import TwoTower, build_model, param_groups
-from hescape.models.weights import UnsafeCheckpointError
+from hescape.lazy import lazy_exports
 
-
-def list_gene_encoders() -> list[str]:
-    """Registered gene encoder names."""
-    return GENE_ENCODERS.names()
-
-
-def check_gene_encoder_name(name: str) -> str | None:
-    """None when ``name`` is a registered gene encoder, else a message with close matches."""
-    return None if name in GENE_ENCODERS else GENE_ENCODERS.unknown_message(name)
-
-
-__all__ = [
-    "DonorClassifier",
-    "ImageEncoder",
-    "ImagePreset",
-    "TwoTower",
-    "UnsafeCheckpointError",
-    "accuracy_vs_chance",
-    "adversary_weight",
-    "build_model",
-    "check_gene_encoder_name",
-    "check_image_encoder_name",
-    "create_gene_encoder",
-    "create_image_encoder",
-    "donor_loss",
-    "gene_input_problem",
-    "grad_reverse",
-    "image_presets",
-    "list_gene_encoders",
-    "list_image_encoders",
-    "load_gene_encoder",
-    "param_groups",
-    "save_gene_encoder",
-]
+__all__, __getattr__ = lazy_exports(__name__, {
+    "GENE_ENCODERS": "spec",
+    "PROJECTIONS": "spec",
+    "GeneEncoderSpec": "spec",
+    "gene_input_problem": "spec",
+    "IMAGE_PRESETS": "presets",
+    "ImagePreset": "presets",
+    "check_image_encoder_name": "presets",
+    "DonorClassifier": "adversary",
+    "accuracy_vs_chance": "adversary",
+    "adversary_weight": "adversary",
+    "donor_loss": "adversary",
+    "grad_reverse": "adversary",
+    "create_gene_encoder": "gene",
+    "load_gene_encoder": "gene",
+    "save_gene_encoder": "gene",
+    "ImageEncoder": "image",
+    "create_image_encoder": "image",
+    "TwoTower": "two_tower",
+    "build_model": "two_tower",
+    "param_groups": "two_tower",
+    "UnsafeCheckpointError": "weights",
+})

@@ -5,16 +5,10 @@ the gradient reaching the embedding is multiplied by ``-weight``. With ``weight 
 classifier still trains, so its accuracy measures how much donor identity the embedding
 carries, without pushing the encoder.
 
-Measured on the strong-donor simulator (2026-11-29, 14 fits per setting, the product path of
-tests/evaluate/test_acceptance.py): at weight 1 a fresh linear donor probe on the gene
-embedding drops 0.81 -> 0.76 (0.82 -> 0.70 with a 128-wide head and 300 steps) and
-training-donor iLISI rises +0.16..+0.23, but reversal can also *scramble* donors: the head's
-own accuracy falls below chance (0.06 with 4 donors) while the probe still decodes them
-(0.87), and with a linear head donors became MORE separable. Judge the adversary by
-``test/gene_ilisi`` and a probe, never by ``donor_acc`` alone. Held-out-donor iLISI and
-retrieval did not change consistently. A domain-confusion objective (classifier on detached
-embeddings, encoder pushed to a uniform prediction) was tried: it never scrambled but removed
-little donor signal with this head (probe -0.00..-0.04), so it was not kept.
+Reversal can scramble donors (the head's accuracy below chance while a fresh probe still
+decodes them), so judge the adversary by the gene embedding's batch mixing
+(``test/gene/ilisi``) and a probe, not by ``donor_acc`` alone; measurements in
+docs/measurements.md.
 
 Training-loop use::
 

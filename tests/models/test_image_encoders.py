@@ -10,11 +10,10 @@ from PIL import Image
 
 from hescape.config import ImageEncoderConfig
 from hescape.models import (
+    IMAGE_PRESETS,
     UnsafeCheckpointError,
     check_image_encoder_name,
     create_image_encoder,
-    image_presets,
-    list_image_encoders,
 )
 from hescape.models.image import _build_backbone
 
@@ -40,9 +39,9 @@ def test_tiny_encoders_build_and_run(name: str, mode: str) -> None:
         assert 0 < sum(trainable) < len(trainable)
 
 
-@pytest.mark.parametrize("name", list_image_encoders())
+@pytest.mark.parametrize("name", IMAGE_PRESETS.names())
 def test_every_preset_has_metadata_and_builds(name: str) -> None:
-    preset = image_presets()[name]
+    preset = IMAGE_PRESETS.get(name)
     assert preset.input_size >= 16 and len(preset.mean) == 3 and len(preset.std) == 3
     assert preset.weights_hint
     assert check_image_encoder_name(name) is None
@@ -52,10 +51,10 @@ def test_every_preset_has_metadata_and_builds(name: str) -> None:
 
 
 def test_h_optimus_normalisation_constants() -> None:
-    p = image_presets()["h_optimus_0"]
+    p = IMAGE_PRESETS.get("h_optimus_0")
     assert p.arch == "vit_giant_patch14_reg4_dinov2" and p.input_size == 224
     assert p.mean == (0.707223, 0.578729, 0.703617) and p.std == (0.211883, 0.230117, 0.177517)
-    assert image_presets()["uni"].hf_hub_id == "MahmoodLab/UNI"
+    assert IMAGE_PRESETS.get("uni").hf_hub_id == "MahmoodLab/UNI"
 
 
 def test_unknown_name_suggests_close_match() -> None:

@@ -72,9 +72,3 @@ def check_exists(path: str | Path, what: str) -> Path:
         raise DataError(f"{path}: {what} not found; check the path")
     return path
 
-
-def nonuniform_sizes(sizes: Mapping[str, int], *, source: str) -> None:
-    """Raise when patches of different slides differ in size (give patch_size to resize)."""
-    if len(set(sizes.values())) > 1:
-        raise DataError(f"{source}: patch sizes differ between slides {dict(sizes)}; pass "
-                        "patch_size (--patch-size) to resize all patches to one size")

@@ -148,12 +148,13 @@ def _image_bytes(value) -> bytes:
     return value
 
 
-def _decode_images(files: list[Path], store: np.ndarray | None, size: int | None,
-                   progress: bool, writer: DatasetWriter, n: int) -> np.ndarray:
+def _decode_images(files: list[Path], size: int | None, progress: bool,
+                   writer: DatasetWriter, n: int) -> np.ndarray:
     """Pass 2: decode every image into the store (allocated from the first image)."""
     from PIL import Image
     from tqdm.auto import tqdm
 
+    store: np.ndarray | None = None
     i = 0
     bar = tqdm(total=n, desc="images", disable=not progress)
     for path in files:
@@ -193,5 +194,5 @@ def import_hescape(sources: list[str | Path], out: str | Path, *, reference: str
     else:
         split_dict = resolve_split(adata, split or SplitConfig(), source="import_hescape")
     with DatasetWriter(out, overwrite=overwrite) as writer:
-        _decode_images(files, None, patch_size, progress, writer, adata.n_obs)
+        _decode_images(files, patch_size, progress, writer, adata.n_obs)
         return writer.commit(adata, split_dict, source="hescape", mpp=mpp)

@@ -1,4 +1,4 @@
-"""Contrastive losses with negatives gathered across workers (open_clip ``loss.py`` style).
+"""CLIP and SigLIP losses with negatives gathered across workers (open_clip ``loss.py`` style).
 
 Each worker computes the loss of its *local* rows against the *global* batch (local loss,
 global negatives); ``all_gather`` keeps gradients flowing to every worker's embeddings.
@@ -17,8 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from hescape.config import LossConfig
 
 
 class _AllGather(torch.autograd.Function):
@@ -73,7 +71,11 @@ def gather_with_grad(x: Tensor, world_size: int, *, check: bool = True) -> Tenso
 
 
 class _GatheredLoss(nn.Module):
-    """Holds rank/world size; gathers across workers, checking batch sizes on first use."""
+    """Holds rank/world size; gathers across workers, checking batch sizes on first use.
+
+    ``forward(img_emb, gene_emb, logit_scale, logit_bias=None)``: the loss of this worker's
+    rows against the gathered batch; ``logit_scale`` is in log space.
+    """
 
     def __init__(self, *, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
@@ -85,18 +87,20 @@ class _GatheredLoss(nn.Module):
         self._sizes_checked = True
         return out
 
+    def forward(self, img_emb: Tensor, gene_emb: Tensor, logit_scale: Tensor,
+                logit_bias: Tensor | None = None) -> Tensor:  # fmt: skip
+        return self.pair_loss(img_emb, gene_emb, logit_scale.exp(), logit_bias)
+
+    def pair_loss(self, img_emb: Tensor, gene_emb: Tensor, scale: Tensor,
+                  logit_bias: Tensor | None) -> Tensor:  # fmt: skip
+        raise NotImplementedError
+
 
 class ClipLoss(_GatheredLoss):
     """Symmetric InfoNCE; labels of local rows are offset by ``rank * local_batch``."""
 
-    def forward(
-        self,
-        img_emb: Tensor,
-        gene_emb: Tensor,
-        logit_scale: Tensor,
-        logit_bias: Tensor | None = None,
-    ) -> Tensor:
-        scale = logit_scale.exp()
+    def pair_loss(self, img_emb: Tensor, gene_emb: Tensor, scale: Tensor,
+                  logit_bias: Tensor | None) -> Tensor:  # fmt: skip
         all_img = self.gather(img_emb)
         all_gene = self.gather(gene_emb)
         logits_img = scale * img_emb @ all_gene.T
@@ -111,29 +115,14 @@ class ClipLoss(_GatheredLoss):
 class SigLipLoss(_GatheredLoss):
     """Pairwise sigmoid loss: local images against all genes, summed over pairs / local batch."""
 
-    def forward(
-        self,
-        img_emb: Tensor,
-        gene_emb: Tensor,
-        logit_scale: Tensor,
-        logit_bias: Tensor | None = None,
-    ) -> Tensor:
+    def pair_loss(self, img_emb: Tensor, gene_emb: Tensor, scale: Tensor,
+                  logit_bias: Tensor | None) -> Tensor:  # fmt: skip
         if logit_bias is None:
             raise ValueError("SigLIP needs logit_bias (build the model with loss.name: siglip)")
         all_gene = self.gather(gene_emb)
-        logits = logit_scale.exp() * img_emb @ all_gene.T + logit_bias
+        logits = scale * img_emb @ all_gene.T + logit_bias
         n = img_emb.shape[0]
         targets = -torch.ones_like(logits)
         cols = torch.arange(n, device=img_emb.device) + self.rank * n
         targets[torch.arange(n, device=img_emb.device), cols] = 1.0
         return -F.logsigmoid(targets * logits).sum() / n
-
-
-_LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
-
-
-def create_loss(cfg: LossConfig, *, rank: int = 0, world_size: int = 1) -> nn.Module:
-    """The contrastive loss ``cfg.name`` for worker ``rank`` of ``world_size``."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world_size {world_size}")
-    return _LOSSES[cfg.name](rank=rank, world_size=world_size)
