@@ -36,6 +36,7 @@ from hescape.study.space import validate_space
 from hescape.study.trial import SharedContext
 from hescape.study.tuner import (
     build_tuner,
+    expected_trials,
     phase_dir,
     restore_tuner,
     seed_points,
@@ -183,10 +184,10 @@ def _run_phase(cfg, shared: SharedContext, res, concurrency: int, phase: str, *,
     tuner = (restore_tuner(cfg, shared, res, concurrency, phase, points=points) if restoring
              else build_tuner(cfg, shared, res, concurrency, phase, points=points))
     grid = tuner.fit()
-    ended = grid.num_terminated + grid.num_errors
-    if ended < len(grid):  # Tune's own SIGINT handler returns early, trials unfinished
-        raise KeyboardInterrupt(f"{phase} phase interrupted with {len(grid) - ended} trial(s) "
-                                "unfinished")
+    missing = (expected_trials(cfg, shared, points) - len(grid)
+               + len(grid) - grid.num_terminated - grid.num_errors)
+    if missing > 0:  # Tune stopped early on a signal of its own (SIGUSR1): not done
+        raise KeyboardInterrupt(f"{phase} phase interrupted with {missing} trial(s) unfinished")
     _mark_done(path)
 
 
@@ -245,6 +246,10 @@ def _log_shared(ref, shared_work: dict[str, Any]) -> None:
 
 
 def _install_signal_handlers():
+    """SIGTERM raises KeyboardInterrupt, as SIGINT does. Tune's own SIGINT handler is off: it
+    ends a phase early and stops the running trials as if they had finished."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+
     def _raise(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt(f"signal {signum}")
 

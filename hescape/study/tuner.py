@@ -41,7 +41,9 @@ def set_tune_output(verbose: bool) -> None:
     import logging
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
-    logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.WARNING)
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("ray.tune").setLevel(level)
+    logging.getLogger("optuna").setLevel(level)  # "A new study created in memory ..."
 
 
 def _searcher(cfg: StudyConfig, base: dict[str, Any]):
@@ -103,6 +105,24 @@ def _run_config(cfg: StudyConfig, shared: SharedContext, phase: str):
     )
 
 
+def explicit_points(cfg: StudyConfig, shared: SharedContext,
+                    points: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """The points a phase runs as a grid (a grid study with its seeds, a single trial, the
+    seeds phase's ``points``), or None when a searcher suggests them."""
+    if points is None and (cfg.sweep is None or cfg.sweep.searcher == "grid"):
+        single = cfg.sweep is None
+        grid = [{}] if single else grid_points(cfg.sweep, shared.base)
+        points = with_seeds(grid, 1 if single else cfg.sweep.seeds, cfg.train.seed)
+    return points
+
+
+def expected_trials(cfg: StudyConfig, shared: SharedContext,
+                    points: list[dict[str, Any]] | None) -> int:
+    """How many trials a complete phase holds."""
+    explicit = explicit_points(cfg, shared, points)
+    return len(explicit) if explicit is not None else cfg.sweep.num_samples
+
+
 def build_tuner(
     cfg: StudyConfig, shared: SharedContext, res: TrialResources, concurrency: int, phase: str,
     *, points: list[dict[str, Any]] | None = None,
@@ -111,10 +131,7 @@ def build_tuner(
     from ray import tune
 
     base = shared.base
-    single = cfg.sweep is None
-    if points is None and (single or cfg.sweep.searcher == "grid"):
-        grid = [{}] if single else grid_points(cfg.sweep, base)
-        points = with_seeds(grid, 1 if single else cfg.sweep.seeds, cfg.train.seed)
+    points = explicit_points(cfg, shared, points)
     if points is not None:
         search_alg, param_space, num_samples = None, {"point": tune.grid_search(points)}, 1
     else:

@@ -80,6 +80,7 @@ def _inject(after: int, step: int, session: Any) -> None:
 # ------------------------------------------------------------------ driver kills (resume tests)
 KILL_DRIVER_AT = "HESCAPE_FAULT_KILL_DRIVER_AT"
 DRIVER_PGID = "HESCAPE_FAULT_DRIVER_PGID"
+DRIVER_SIGNAL = "HESCAPE_FAULT_DRIVER_SIGNAL"  # KILL (default) or INT (a Ctrl-C)
 
 
 def arm_driver() -> None:
@@ -109,7 +110,8 @@ def maybe_kill_driver(point: str, *, step: int | None = None, phase: str | None 
     ``evaluating`` (a trial, evaluation computed, nothing logged), ``evaluated`` (a trial,
     evaluation logged, run not closed) or ``study_report`` (driver, every trial done, report
     not written); ``phase`` (``search`` / ``seeds``) restricts trial points to one phase.
-    ``HESCAPE_FAULT_MARKER`` makes it happen once.
+    ``HESCAPE_FAULT_MARKER`` makes it happen once. ``HESCAPE_FAULT_DRIVER_SIGNAL=INT`` sends
+    the driver a SIGINT instead (Ctrl-C: it stops and exits 130; Ray goes down with it).
     """
     spec = os.environ.get(KILL_DRIVER_AT)
     if not spec or not _driver_point_matches(spec, point, step, phase):
@@ -126,6 +128,9 @@ def maybe_kill_driver(point: str, *, step: int | None = None, phase: str | None 
         fh.write(f"{os.getpid()} {point} {step if step is not None else ''}\n")
         fh.flush()
         os.fsync(fh.fileno())
+    if os.environ.get(DRIVER_SIGNAL, "KILL") == "INT":
+        os.kill(int(pgid), signal.SIGINT)  # the driver leads its group: pid == pgid
+        return
     os.killpg(int(pgid), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)  # a trial process outside the driver's group dies too
 

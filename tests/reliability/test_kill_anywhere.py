@@ -10,7 +10,8 @@ not told yet):
     precompute:1       during the shared precompute, after the first preprocessing variant
     report:6@search    right after trial 1's final checkpoint (step 6 = train.max_steps)
     evaluating@search  during trial 1's evaluation (computed, nothing logged)
-    report:3@search    mid-training of trial 2 (started by this resumed run)
+    report:3@search    mid-training of trial 2 (started by this resumed run), by SIGINT
+                       (Ctrl-C: the driver exits 130; Ray goes down with it)
     report:3@seeds     the seeds phase, mid-training
     study_report       every trial done, the report not written
 
@@ -41,6 +42,7 @@ pytestmark = pytest.mark.slow
 
 KILLS = ["precompute:1", "report:6@search", "evaluating@search", "report:3@search",
          "report:3@seeds", "study_report"]
+CTRL_C = {"report:3@search"}  # SIGINT to the driver instead of SIGKILL to its group
 NUM_SAMPLES, SEEDS = 4, 2
 OVERRIDES = [
     "--set=sweep.searcher=tpe", "--set=sweep.scheduler=asha",
@@ -59,10 +61,11 @@ def _run(store: Path, *extra: str, fault: str | None = None, marker: Path | None
     from hescape.train import faults
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    for key in (faults.KILL_DRIVER_AT, faults.MARKER, faults.DRIVER_PGID):
+    for key in (faults.KILL_DRIVER_AT, faults.MARKER, faults.DRIVER_PGID, faults.DRIVER_SIGNAL):
         env.pop(key, None)
     if fault is not None:
-        env.update({faults.KILL_DRIVER_AT: fault, faults.MARKER: str(marker)})
+        env.update({faults.KILL_DRIVER_AT: fault, faults.MARKER: str(marker),
+                    faults.DRIVER_SIGNAL: "INT" if fault in CTRL_C else "KILL"})
     args = [sys.executable, str(ROOT / "study/run.py"), str(ROOT / "experiments/tiny.yaml"),
             f"--set=storage_dir={store}", *OVERRIDES, *extra]
     # its own session: the fault kills the driver's process group, never pytest
@@ -133,7 +136,8 @@ def test_driver_killed_anywhere_resumes_to_the_uninterrupted_study(tmp_path):
     for i, fault in enumerate(KILLS):
         marker = tmp_path / f"killed-{i}"
         out = _run(store, *(["--resume"] if i else []), fault=fault, marker=marker)
-        assert out.returncode == -signal.SIGKILL, (fault, out.returncode, out.stderr[-3000:])
+        expected = 130 if fault in CTRL_C else -signal.SIGKILL
+        assert out.returncode == expected, (fault, out.returncode, out.stderr[-3000:])
         assert marker.read_text().split()[1] == fault.split(":")[0].split("@")[0], fault
         for phase in ("search", "seeds"):  # a trial that did work is one Tune restores
             phase_dir = store / "tiny" / "tune" / phase
