@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +184,10 @@ def _need_bytes(results: dict[str, Any], stage: str, size: int) -> float | None:
     return results[str(n)][stage]["peak_rss_mib"] * 2**20 * size / n
 
 
-def run_size(size: int, args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Every requested stage at ``size``, in order, recorded into ``results[str(size)]``."""
+def run_size(size: int, args: argparse.Namespace, results: dict[str, Any],
+             save: Callable[[], None] = lambda: None) -> None:
+    """Every requested stage at ``size``, in order, recorded into ``results[str(size)]``;
+    ``save()`` after each (a long run keeps what it measured)."""
     wd = (args.workdir / str(size)).resolve()
     wd.mkdir(parents=True, exist_ok=True)
     here = results.setdefault(str(size), {})
@@ -204,6 +207,7 @@ def run_size(size: int, args: argparse.Namespace, results: dict[str, Any]) -> No
         row["overrides"] = args.sets
         here[stage] = row
         print(format_row(size, stage, row), flush=True)
+        save()
         if "error" in row and args.stop_on_error:
             raise SystemExit(f"N={size} {stage} failed: {row['error']}")
 
@@ -262,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results = data.get("results", {})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # -> run_stage kills its child
+    def save() -> None:
+        write_outputs(args.out, results, exponents(results), machine(), quiet=True)
+
     for size in args.sizes:
-        run_size(size, args, results)
+        run_size(size, args, results, save)
         write_outputs(args.out, results, exponents(results), machine())
     return 0
 

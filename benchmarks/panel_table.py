@@ -78,7 +78,7 @@ def markdown(results: dict[str, Any], exps: dict[str, list[dict[str, Any]]]) -> 
 
 
 def write_outputs(path: Path, results: dict[str, Any], exps: dict[str, Any],
-                  machine: dict[str, Any]) -> None:
+                  machine: dict[str, Any], *, quiet: bool = False) -> None:
     """``path`` (JSON: results, exponents, machine) and ``path.with_suffix('.md')``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -91,4 +91,5 @@ def write_outputs(path: Path, results: dict[str, Any], exps: dict[str, Any],
           "excluded); a: time ~ N^a, b: peak RSS ~ N^b, b growth: RSS above the process's "
           "start ~ N^b.\n\n" + markdown(results, exps))
     path.with_suffix(".md").write_text(md)
-    print(md)
+    if not quiet:
+        print(md)
