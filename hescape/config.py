@@ -10,6 +10,7 @@ plain dicts (``cfg.model_dump()``) and are rebuilt with ``StudyConfig.model_vali
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -20,7 +21,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -28,7 +28,6 @@ from hescape.losses.spec import LOSSES
 from hescape.models.presets import check_image_encoder_name
 from hescape.models.spec import GENE_ENCODERS, PROJECTIONS, gene_input_problem
 from hescape.preprocess.spec import expression_model
-from hescape.registry import Registry
 
 
 class ConfigError(ValueError):
@@ -39,21 +38,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-def registry_name(registry: Registry) -> Any:
-    """A ``str`` field whose value must be a name in ``registry`` (light registries only:
-    every validation of a config runs it)."""
+def checked(problem: Callable[[str], str | None]) -> Any:
+    """A ``str`` field type: ``problem(value)`` returns None, or the message of the
+    validation error (cheap checks only: every validation of a config runs them)."""
 
-    def check(name: str) -> str:
-        problem = registry.problem(name)
-        if problem:
-            raise ValueError(problem)
-        return name
+    def check(value: str) -> str:
+        message = problem(value)
+        if message:
+            raise ValueError(message)
+        return value
 
     return Annotated[str, AfterValidator(check)]
 
 
-LossName = registry_name(LOSSES)  # hescape.losses.spec
-ProjectionName = registry_name(PROJECTIONS)  # hescape.models.spec
+def selection_metric_problem(metric: str) -> str | None:
+    """None when ``metric`` may select models (a ``val/`` or ``train/`` metric), else why not.
+    Test donors are read once, by each trial's final evaluation: never to select."""
+    if metric.startswith("test/"):
+        return (f"{metric!r} selects on the test donors; use the validation metric "
+                f"'val/{metric[5:]}' (test metrics are only read by the final evaluation)")
+    if not metric.startswith(("val/", "train/")):
+        return (f"{metric!r} is not a metric reported during training; use a "
+                "validation metric such as 'val/r5_img2gene'")
+    return None
+
+
+LossName = checked(LOSSES.problem)  # a name in hescape.losses.spec
+ProjectionName = checked(PROJECTIONS.problem)  # a name in hescape.models.spec
+SelectionMetric = checked(selection_metric_problem)  # val/ or train/, never test/
 
 
 # --------------------------------------------------------------------------- data
@@ -168,7 +180,7 @@ class TrainConfig(Strict):
     grad_clip: Optional[float] = Field(1.0, gt=0.0)
     eval_every: int = Field(50, ge=1)
     early_stop_patience: Optional[int] = Field(None, ge=1, description="evaluations")
-    best_metric: str = "val/r5_img2gene"
+    best_metric: SelectionMetric = "val/r5_img2gene"
     best_mode: Literal["max", "min"] = "max"
     seed: int = 0
     num_workers: int = Field(1, ge=1)
@@ -201,14 +213,6 @@ class TrainConfig(Strict):
                 f"set use_gpu: true and num_workers: 1 (have use_gpu={self.use_gpu}, "
                 f"num_workers={self.num_workers}), or drop gpus_per_trial")
         return self
-
-    @field_validator("best_metric")
-    @classmethod
-    def _best_on_validation(cls, metric: str) -> str:
-        problem = selection_metric_problem(metric)
-        if problem:
-            raise ValueError(problem)
-        return metric
 
 
 # --------------------------------------------------------------------------- eval
@@ -261,29 +265,9 @@ class SweepParam(Strict):
         return self
 
 
-def selection_metric_problem(metric: str) -> str | None:
-    """None when ``metric`` may select models (a ``val/`` or ``train/`` metric), else why not.
-    Test donors are read once, by each trial's final evaluation: never to select."""
-    if metric.startswith("test/"):
-        return (f"{metric!r} selects on the test donors; use the validation metric "
-                f"'val/{metric[5:]}' (test metrics are only read by the final evaluation)")
-    if not metric.startswith(("val/", "train/")):
-        return (f"{metric!r} is not a metric reported during training; use a "
-                "validation metric such as 'val/r5_img2gene'")
-    return None
-
-
 class Objective(Strict):
-    metric: str
+    metric: SelectionMetric
     mode: Literal["max", "min"] = "max"
-
-    @field_validator("metric")
-    @classmethod
-    def _selects_on_validation(cls, metric: str) -> str:
-        problem = selection_metric_problem(metric)
-        if problem:
-            raise ValueError(problem)
-        return metric
 
 
 class SweepConfig(Strict):

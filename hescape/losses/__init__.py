@@ -8,7 +8,7 @@ from hescape.lazy import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "LOSSES": "spec",
     "LossSpec": "spec",
-    "create_loss": "spec",
+    "create_loss": "contrastive",
     "ClipLoss": "contrastive",
     "SigLipLoss": "contrastive",
     "gather_with_grad": "contrastive",

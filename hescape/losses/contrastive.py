@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hescape.losses.spec import LOSSES
+
 
 class _AllGather(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for this rank's slice.
@@ -126,3 +128,11 @@ class SigLipLoss(_GatheredLoss):
         cols = torch.arange(n, device=img_emb.device) + self.rank * n
         targets[torch.arange(n, device=img_emb.device), cols] = 1.0
         return -F.logsigmoid(targets * logits).sum() / n
+
+
+def create_loss(cfg: Any, *, rank: int = 0, world_size: int = 1) -> nn.Module:
+    """The loss ``cfg.name`` (a ``LossConfig``; ``hescape.losses.spec.LOSSES``) for worker
+    ``rank`` of ``world_size``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    return LOSSES.get(cfg.name).build.load()(rank=rank, world_size=world_size)

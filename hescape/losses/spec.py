@@ -1,21 +1,17 @@
 """The contrastive losses a config can name (``loss.name``): light specs, no torch.
 
-Each spec points at its ``nn.Module`` class with a :class:`~hescape.lazy.Ref` (imported on
-:func:`create_loss`) and says whether the model must learn a logit bias for it (SigLIP).
-To add a loss: the module in ``contrastive.py`` (``pair_loss(img, gene, scale, bias)`` of a
+Each spec points at its ``nn.Module`` class with a :class:`~hescape.lazy.Ref` (imported by
+``hescape.losses.create_loss``) and says whether the model must learn a logit bias for it
+(SigLIP). To add a loss: the module in ``contrastive.py`` (``pair_loss(img, gene, scale, bias)`` of a
 ``_GatheredLoss``, so negatives are gathered across workers) and one ``LOSSES.add`` here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from hescape.lazy import Ref
 from hescape.registry import Registry
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,9 +31,3 @@ LOSSES.add(LossSpec(name="clip", summary="symmetric InfoNCE (CLIP)",
 LOSSES.add(LossSpec(name="siglip", summary="pairwise sigmoid loss with a learnt bias (SigLIP)",
                     build=Ref("hescape.losses.contrastive:SigLipLoss"), learns_bias=True))  # fmt: skip
 
-
-def create_loss(cfg: Any, *, rank: int = 0, world_size: int = 1) -> nn.Module:
-    """The loss ``cfg.name`` (a ``LossConfig``) for worker ``rank`` of ``world_size``."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world_size {world_size}")
-    return LOSSES.get(cfg.name).build.load()(rank=rank, world_size=world_size)

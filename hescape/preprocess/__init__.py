@@ -7,8 +7,7 @@ scikit-learn, scvi-tools or torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hescape.lazy import lazy_exports
 
 _EXPORTS = {
     "MacenkoNormalizer": "stain",
@@ -24,10 +23,4 @@ _EXPORTS = {
     "variant_key": "cache",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'hescape.preprocess' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"hescape.preprocess.{_EXPORTS[name]}"), name)
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

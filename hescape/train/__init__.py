@@ -5,8 +5,7 @@ Public names are imported lazily (``import hescape.train`` does not pull in torc
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hescape.lazy import lazy_exports
 
 _EXPORTS = {
     "fit": "runner",
@@ -27,10 +26,4 @@ _EXPORTS = {
     "prepare_inputs": "inputs",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'hescape.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"hescape.train.{_EXPORTS[name]}"), name)
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)
