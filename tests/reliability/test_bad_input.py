@@ -187,6 +187,11 @@ _ITEMS = [
     ("override without '='", _study("train.lr"), "expected key=value"),
     ("override value not YAML", _study("train.lr=[1,"), "not valid YAML"),
     ("override into a scalar", _study("train.lr.x=1"), "'lr' is not a section"),
+    ("objective on test donors", _study("sweep.objectives=[{metric: test/r5_img2gene}]"),
+     "sweep.objectives.0.metric: Value error, 'test/r5_img2gene' selects on the test donors; "
+     "use the validation metric 'val/r5_img2gene'"),
+    ("best checkpoint chosen on test donors", _study("train.best_metric=test/r5_img2gene"),
+     "train.best_metric: Value error, 'test/r5_img2gene' selects on the test donors"),
     ("storage dir is a file", _study(config=lambda d: (_write(d, "store", "x"), TINY)[1], dry=False),
      "store"),
     ("resources the cluster cannot provide",
