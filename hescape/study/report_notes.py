@@ -40,7 +40,6 @@ def by_protocol(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]
 
 
 # ---------------------------------------------------------------------- metric names
-MUTATION = "mutation"
 FALLBACK_NAMES: dict[str, list[str]] = {
     "mutation": ["mutation_auroc", "mutation_auroc_ci_low", "mutation_auroc_ci_high",
                  "mutation_auroc_pvalue", "mutation_underpowered", "mutation_n_donors",
