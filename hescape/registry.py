@@ -1,9 +1,9 @@
 """One registry type for every extension point (the timm ``_registry`` idea).
 
-A :class:`Registry` maps a name to an entry: a frozen, keyword-only spec object (a
-preprocessing method, a probe, a gene encoder, an image preset, a loss) or a plain factory.
-Registries drive construction, validation at config load (``__contains__``,
-``unknown_message``) and the test matrix (``names()``).
+A :class:`Registry` maps a name to a frozen, keyword-only spec (a preprocessing method, a
+probe, a gene encoder, a projection head, an image preset, a loss) registered once with
+:meth:`~Registry.add`. Registries drive construction (the spec says how to build), validation
+at config load (``problem``, ``unknown_message``) and the test matrix (``names()``).
 
 Registries that config validation reads are light (no torch): their specs point at the
 implementation with a ``hescape.lazy.Ref`` (``"package.module:attr"``), imported on use.
@@ -12,15 +12,15 @@ implementation with a ``hescape.lazy.Ref`` (``"package.module:attr"``), imported
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps a name to an entry ``T`` (a spec, or a factory returning what ``create`` builds)."""
+    """Maps a name to a spec ``T``."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -35,14 +35,6 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {key!r} registered twice")
         self._entries[key] = entry
         return entry
-
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator form of :meth:`add` for factories: ``@REG.register("name")``."""
-
-        def deco(entry: T) -> T:
-            return self.add(entry, name=name)
-
-        return deco
 
     def remove(self, name: str) -> T:
         """Unregister ``name`` and return its entry (tests that register a temporary entry)."""
@@ -65,10 +57,6 @@ class Registry(Generic[T]):
         if name not in self._entries:
             raise KeyError(self.unknown_message(name))
         return self._entries[name]
-
-    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Call the factory registered as ``name`` (registries of factories)."""
-        return self.get(name)(*args, **kwargs)  # type: ignore[operator]
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -1,4 +1,4 @@
-"""The one registry type (specs and factories), lazy references and lazy package exports."""
+"""The one registry type, lazy references and lazy package exports."""
 
 from __future__ import annotations
 
@@ -29,16 +29,6 @@ def test_specs_register_once_by_name_and_unknown_names_suggest():
     assert reg.problem("alpha") is None and "Known: alpha, beta" in reg.problem("gamma")
     with pytest.raises(ValueError, match="has no name"):
         reg.add(object())
-
-
-def test_factories_register_with_the_decorator_and_create():
-    reg: Registry = Registry("maker")
-
-    @reg.register("double")
-    def double(x: int) -> int:
-        return 2 * x
-
-    assert reg.create("double", 4) == 8 and reg.get("double") is double
 
 
 def test_remove_and_temporarily_leave_the_registry_as_it_was():
