@@ -1,4 +1,4 @@
-"""Gene encoders (registry of specs). Each builds an ``nn.Module`` with ``out_dim``.
+"""Gene encoders: the modules and their builders. Each builds an ``nn.Module`` with ``out_dim``.
 
 * ``mlp``          MLP on the preprocessed input (expression or features).
 * ``transformer``  one token per gene: gene-identity embedding + binned value embedding,
