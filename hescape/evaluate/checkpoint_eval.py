@@ -22,21 +22,22 @@ from typing import Any
 
 import numpy as np
 
+from hescape.atomic import write_text
 from hescape.config import EvalConfig, StudyConfig
 from hescape.evaluate.baselines import as_baselines
 from hescape.evaluate.pipeline import evaluate_embeddings
 from hescape.evaluate.probe_spec import EvalData
+from hescape.paths import absolute
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-CHUNK = 4096  # rows per progress-bar step
 
 
 def resolve_checkpoint(ref: str, *, tracking_uri: str | None = None) -> Path:
     """A checkpoint directory, or an MLflow run id whose ``hescape.best_checkpoint`` tag
     (or ``checkpoint`` artifact folder) holds one."""
-    path = Path(ref).expanduser()
+    path = absolute(ref)
     if path.is_dir():
-        return path.resolve()
+        return path
     if not RUN_ID.match(ref):
         raise FileNotFoundError(f"{ref}: neither a checkpoint directory nor an MLflow run id")
     from mlflow.tracking import MlflowClient
@@ -62,55 +63,6 @@ def resolve_checkpoint(ref: str, *, tracking_uri: str | None = None) -> Path:
     return Path(local)
 
 
-class _Rows:
-    """Row-selected view of a (memmapped) patch store, read slice by slice."""
-
-    def __init__(self, patches: Any, rows: np.ndarray) -> None:
-        self.patches, self.rows = patches, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, sl: slice) -> np.ndarray:
-        return np.asarray(self.patches[self.rows[sl]])
-
-
-def embed_rows(model, paired, rows, *, gene_x, stain, device, batch_size, progress,
-               features=None) -> dict:
-    """Unit-norm ``img`` (and ``gene`` with expression) embeddings of ``rows``.
-
-    ``features``: the frozen image backbone's cached features of every obs (then no patch
-    is encoded here), else the patches are read and encoded batch by batch.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from hescape.train.dataset import images_to_input
-    from hescape.train.embed import compute_embeddings
-
-    source = {"images": paired.patches} if features is None else {"features": features}
-    img, gene = [], []
-    for start in tqdm(range(0, len(rows), CHUNK), desc="embed", disable=not progress):
-        part = rows[start : start + CHUNK]
-        if gene_x is not None:
-            e = compute_embeddings(model, gene_x=gene_x, rows=part, batch_size=batch_size,
-                                   device=device, stain=stain, **source)  # fmt: skip
-            img.append(e["img"])
-            gene.append(e["gene"])
-            continue
-        with torch.no_grad():
-            for s in range(0, len(part), batch_size):
-                sl = part[s : s + batch_size]
-                if features is not None:
-                    f = torch.as_tensor(np.asarray(features[sl], dtype=np.float32), device=device)
-                    img.append(model.encode_image(features=f).float().cpu().numpy())
-                    continue
-                x = images_to_input(np.asarray(paired.patches[sl]), model.image_encoder,
-                                    stain=stain)  # fmt: skip
-                img.append(model.encode_image(x.to(device)).float().cpu().numpy())
-    return {"img": np.concatenate(img), "gene": np.concatenate(gene) if gene else None}
-
-
 def training_features(model, meta: dict, paired) -> np.ndarray | None:
     """The training run's frozen-backbone feature cache (memmapped), when it is this
     dataset's (same fingerprint, one row per obs) and the backbone is frozen; else None."""
@@ -122,7 +74,7 @@ def training_features(model, meta: dict, paired) -> np.ndarray | None:
     return feats if feats.ndim == 2 and feats.shape[0] == paired.adata.n_obs else None
 
 
-def frozen_features(cfg: StudyConfig, paired, rows, *, stain, device, batch_size, progress):
+def frozen_features(cfg: StudyConfig, paired, rows, *, stain, compute, batch_size, progress):
     """Features of the pre-contrastive image encoder, or None (warned) if it cannot be built."""
     from hescape.train.features import encode_patches, frozen_image_encoder
 
@@ -131,8 +83,8 @@ def frozen_features(cfg: StudyConfig, paired, rows, *, stain, device, batch_size
     except (OSError, ValueError, RuntimeError) as exc:
         warnings.warn(f"frozen-image baseline skipped: {exc}", UserWarning, stacklevel=2)
         return None
-    return encode_patches(encoder, _Rows(paired.patches, rows), batch_size=batch_size,
-                          device=device, stain=stain, progress=progress)  # fmt: skip
+    return encode_patches(encoder, paired.patches, rows=rows, compute=compute,
+                          batch_size=batch_size, stain=stain, progress=progress)
 
 
 def _expression(cfg: StudyConfig, meta: dict, paired) -> tuple[Any, Any, Any, list[str] | None]:
@@ -193,10 +145,12 @@ def evaluate_checkpoint(
     """
     from hescape.data import load_paired
     from hescape.train.checkpoint import load_model
+    from hescape.train.device import Compute
+    from hescape.train.embed import compute_embeddings
     from hescape.train.inputs import fit_stain
 
     model, cfg, meta = load_model(ckpt_dir)
-    model = model.to(device)
+    compute = Compute.of(cfg.train, device)  # the training's precision rule, on this device
     paired = load_paired(dataset, require_expression=False)
     train, test = paired.indices("train"), paired.indices(test_part)
     if not len(train) or not len(test):
@@ -204,9 +158,10 @@ def evaluate_checkpoint(
     rows = np.union1d(train, test)
     gene_x, expr_log, counts, gene_names = _expression(cfg, meta, paired)
     stain = fit_stain(cfg, paired)
-    kw = dict(stain=stain, device=device, batch_size=batch_size, progress=progress)
+    kw = dict(stain=stain, compute=compute, batch_size=batch_size, progress=progress)
     cached = training_features(model, meta, paired)  # frozen backbone: encoded once per study
-    emb = embed_rows(model, paired, rows, gene_x=gene_x, features=cached, **kw)
+    source = {"images": paired.patches} if cached is None else {"features": cached}
+    emb = compute_embeddings(model, gene_x=gene_x, rows=rows, **source, **kw)
     ecfg = eval_config(cfg.eval, eval_overrides or [])
     baseline = None
     if ecfg.baselines:
@@ -222,7 +177,7 @@ def evaluate_checkpoint(
         baselines=as_baselines(baseline),
     )
     metrics, arts = evaluate_embeddings(data, out_dir=out_dir, split=test_part, progress=progress)
-    path = Path(out_dir) / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=1, sort_keys=True, allow_nan=True))
+    path = write_text(Path(out_dir) / "metrics.json",
+                      json.dumps(metrics, indent=1, sort_keys=True, allow_nan=True))
     arts["metrics"] = path
     return metrics, arts

@@ -15,10 +15,11 @@ def evaluate_trial(cfg: StudyConfig, fitted: Any, *, out_dir: Path) -> tuple[dic
     best checkpoint, whole-set retrieval, probes, mixing metrics and baselines.
     """
     from hescape.evaluate.checkpoint_eval import evaluate_checkpoint
+    from hescape.train.device import resolve_device
 
     if fitted.best_checkpoint is None:
         raise RuntimeError("training produced no checkpoint to evaluate (max_steps < eval_every?)")
-    device = "cuda" if cfg.train.use_gpu else "cpu"
+    device = str(resolve_device(cfg.train.use_gpu))
     return evaluate_checkpoint(
         fitted.best_checkpoint, cfg.data.path, out_dir=out_dir,
         label_key=cfg.data.label_key, mutation_key=cfg.data.mutation_key,

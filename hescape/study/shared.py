@@ -1,6 +1,6 @@
 """Work shared by all trials, done once per study before any trial starts.
 
-- the dataset: simulated into ``<storage>/data/sim-<hash>`` when ``data.path`` is null;
+- the dataset: simulated into ``<storage>/cache/data/sim-<hash>`` when ``data.path`` is null;
 - every expression-preprocessing variant the sweep can produce (finite choices), through
   the content-addressed cache, with its before-training mixing/biology metrics measured on
   the test donors, like the trials' ``test/`` mixing metrics (``measured_on`` says which
@@ -16,20 +16,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hescape import paths
 from hescape.config import StudyConfig
 from hescape.study.space import enumerate_sections
 from hescape.train.faults import maybe_kill_driver
 
 
 def storage_root(cfg: StudyConfig) -> Path:
-    return Path(cfg.storage_dir).expanduser().resolve()
+    """``cfg.storage_dir``, absolute with ``~`` expanded (``hescape.paths``)."""
+    return paths.storage_root(cfg.storage_dir)
 
 
 def check_dataset_path(cfg: StudyConfig) -> None:
     """A configured dataset must exist (checked before Ray starts)."""
-    if cfg.data.path and not Path(cfg.data.path).expanduser().exists():
+    if cfg.data.path and not paths.absolute(cfg.data.path).exists():
         raise FileNotFoundError(
-            f"data.path {Path(cfg.data.path).expanduser().resolve()}: dataset not found. Import "
+            f"data.path {paths.absolute(cfg.data.path)}: dataset not found. Import "
             "one with `hescape data import ...` or set data.path: null to use the simulator."
         )
 
@@ -45,7 +47,7 @@ def ensure_dataset(cfg: StudyConfig, *, progress: bool = True) -> Path:
 def precompute(cfg: StudyConfig, paired: Any, *, progress: bool = True) -> dict[str, Any]:
     """Compute every enumerable preprocessing variant and frozen feature set once."""
     base = cfg.model_dump()
-    cache = storage_root(cfg) / "cache"
+    cache = paths.cache_dir(cfg.storage_dir)
     out: dict[str, Any] = {"variants": [], "features": []}
     variants = enumerate_sections(cfg.sweep, base, "preprocess.expression")
     for section in variants or []:
@@ -107,7 +109,9 @@ def _frozen_features(cfg: StudyConfig, paired: Any, *, progress: bool) -> Path:
 
 def _features_on_gpu(cfg_dict: dict[str, Any], data_path: str) -> str:
     from hescape.data import load_paired
+    from hescape.train.device import resolve_device
     from hescape.train.features import cached_features
 
     cfg = StudyConfig.model_validate(cfg_dict)
-    return str(cached_features(cfg, load_paired(data_path), device="cuda", progress=False))
+    return str(cached_features(cfg, load_paired(data_path), device=resolve_device(True),
+                               progress=False))

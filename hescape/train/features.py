@@ -2,11 +2,13 @@
 
 Key: (``encoder.feature_key()`` - architecture, weights, input size, normalisation -,
 dataset fingerprint, stain normalisation [+ training donors when the normaliser is fitted
-on them], ``train.feature_dtype`` when not float32). File:
-``<storage_dir>/cache/features/<key>.npy`` (float32 or float16, N x D, obs order; every
-reader converts rows to float32)
-plus ``<key>.json`` (provenance). Written to a temp file and renamed under a ``filelock``,
-so two processes asking at once compute once.
+on them], ``train.feature_dtype`` when not float32, the autocast precision when not
+float32: ``bfloat16`` where the training autocasts by ``train.precision``'s rule,
+``hescape.train.device``). File: ``paths.cache_dir(storage_dir, "features")/<key>.npy``
+(float32 or float16, N x D, obs order; every reader converts rows to float32) plus
+``<key>.json`` (provenance). Encoded by the one embedding loop (``train.embed``) into a
+temp file renamed into place (``hescape.atomic``) under a ``filelock``, so two processes
+asking at once compute once.
 
 Stain *augmentation* (HED jitter) changes the input every step, so it cannot use cached
 features: with ``preprocess.image.stain_augment > 0`` training re-encodes each batch
@@ -19,17 +21,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from hescape.atomic import atomic_path, write_json
 from hescape.config import StudyConfig
-from hescape.data.rowio import NpyRowWriter, read_rows
-from hescape.train.dataset import images_to_input
+from hescape.data.rowio import NpyRowWriter
+from hescape.paths import cache_dir
+from hescape.train.device import Compute
+from hescape.train.embed import CPU, RowInputs, forward_batches
 
 FROZEN_INIT_SEED = 0
 
@@ -50,53 +53,49 @@ def frozen_image_encoder(cfg: StudyConfig) -> torch.nn.Module:
 
 
 def feature_cache_key(encoder: Any, fingerprint: str, stain_norm: str,
-                      train_donors: list[str] | None = None, dtype: str = "float32") -> str:
+                      train_donors: list[str] | None = None, dtype: str = "float32",
+                      precision: str = "float32") -> str:
     """Cache key of the features of ``encoder`` on a dataset (content ``fingerprint``),
-    stored as ``dtype``."""
+    computed at ``precision`` (``Compute.precision``) and stored as ``dtype``."""
     spec = {"encoder": encoder.feature_key(), "data": fingerprint, "stain_norm": stain_norm,
             "stain_ref": sorted(train_donors) if stain_norm != "none" and train_donors else None}
-    if dtype != "float32":  # float32 keys stay what they were before the option existed
+    # float32 keys stay what they were before these options existed
+    if dtype != "float32":
         spec["dtype"] = dtype
+    if precision != "float32":
+        spec["precision"] = precision
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return f"{encoder.feature_key()}-{digest}"
 
 
 def feature_cache_path(storage_dir: str | Path, key: str) -> Path:
-    """``<storage_dir>/cache/features/<key>.npy``."""
-    return Path(storage_dir).resolve() / "cache" / "features" / f"{key}.npy"
+    """``<storage_dir>/cache/features/<key>.npy`` (``~`` expanded)."""
+    return cache_dir(storage_dir, "features") / f"{key}.npy"
 
 
-@torch.no_grad()
-def encode_patches(
-    encoder: Any, patches: np.ndarray, *, batch_size: int = 256, device: str = "cpu",
-    stain: Any = None, progress: bool = True, out: Any = None,
-) -> Any:
-    """Features (float32, N x D) of uint8 ``patches`` with the frozen ``encoder``.
+def encode_patches(encoder: Any, patches: Any, *, compute: Compute = CPU,
+                   rows: np.ndarray | None = None, batch_size: int = 256, stain: Any = None,
+                   progress: bool = True, out: Any = None) -> Any:
+    """Features (float32, N x D) of uint8 ``patches`` (or of its ``rows``) with ``encoder``.
 
     ``out``: where the rows go (anything taking ``out[a:b] = block``, e.g. an
-    ``NpyRowWriter``); a new array when None. A memmapped patch store is read block by
-    block through its file (``read_rows``), so memory stays one batch whatever N.
+    ``NpyRowWriter``); a new array when None.
     """
-    from tqdm.auto import tqdm
-
-    dev = torch.device(device)
-    encoder = encoder.to(dev).eval()
-    use_bf16 = dev.type == "cuda"
+    net = compute.place(encoder.eval())
+    inputs = RowInputs(compute=compute, images=patches, rows=rows, encoder=net, stain=stain)
     if out is None:
-        out = np.empty((len(patches), encoder.out_dim), dtype=np.float32)
-    for start in tqdm(range(0, len(patches), batch_size), desc="image features",
-                      disable=not progress, unit="batch"):
-        block = read_rows(patches, start, start + batch_size)
-        x = images_to_input(block, encoder, stain=stain).to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            feats = encoder(x)
-        out[start:start + len(x)] = feats.float().cpu().numpy()
+        out = np.empty((len(inputs), net.out_dim), dtype=np.float32)
+    start = 0
+    for feats in forward_batches(lambda b: net(b["image"]), inputs, batch_size=batch_size,
+                                 progress=progress, desc="image features"):
+        out[start:start + len(feats)] = feats.float().cpu().numpy()
+        start += len(feats)
     return out
 
 
 def cached_features(
     cfg: StudyConfig, paired: Any, *, encoder: Any = None, stain: Any = None,
-    device: str = "cpu", batch_size: int = 256, progress: bool = True,
+    device: torch.device | str = "cpu", batch_size: int = 256, progress: bool = True,
 ) -> Path:
     """Path of the cached features for (``cfg``'s frozen encoder, ``paired``): compute once.
 
@@ -105,10 +104,13 @@ def cached_features(
     from filelock import FileLock
 
     encoder = encoder if encoder is not None else frozen_image_encoder(cfg)
+    # autocast as the training has it on its own device (a GPU when train.use_gpu): the
+    # driver, a GPU task and a trial process without a GPU compute, and look up, one entry
+    compute = Compute.as_trained(cfg.train, device)
     stain_norm = cfg.preprocess.image.stain_norm
     dtype = cfg.train.feature_dtype
     key = feature_cache_key(encoder, paired.fingerprint, stain_norm, paired.split.get("train"),
-                            dtype)
+                            dtype, compute.precision)
     path = feature_cache_path(cfg.storage_dir, key)
     if path.is_file():
         return path
@@ -116,19 +118,17 @@ def cached_features(
     with FileLock(str(path) + ".lock"):
         if path.is_file():  # another process finished while we waited
             return path
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.npy")
         shape = (len(paired.patches), int(encoder.out_dim))
-        try:  # streamed to the file: memory stays one batch whatever the number of patches
+        # streamed to the file: memory stays one batch whatever the number of patches; the
+        # .npy appears (renamed) only once complete, after its provenance .json
+        with atomic_path(path) as tmp:
             with NpyRowWriter(tmp, shape, dtype) as rows:
-                encode_patches(encoder, paired.patches, batch_size=batch_size, device=device,
+                encode_patches(encoder, paired.patches, compute=compute, batch_size=batch_size,
                                stain=stain, progress=progress, out=rows)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        meta = {"feature_key": encoder.feature_key(), "fingerprint": paired.fingerprint,
-                "stain_norm": stain_norm, "shape": list(shape), "dtype": dtype}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
+            write_json(path.with_suffix(".json"), {
+                "feature_key": encoder.feature_key(), "fingerprint": paired.fingerprint,
+                "stain_norm": stain_norm, "shape": list(shape), "dtype": dtype,
+                "precision": compute.precision})
     return path
 
 

@@ -19,20 +19,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from hescape.config import StudyConfig
+from hescape.paths import absolute, cache_dir
 from hescape.train.dataset import Collate, PairedDataset, ResumableSampler, donor_codes
+from hescape.train.device import resolve_device
 
 STAIN_FIT_PATCHES = 256
 
 
 def cache_root(cfg: StudyConfig) -> Path:
-    """``<storage_dir>/cache`` (absolute)."""
-    return Path(cfg.storage_dir).expanduser().resolve() / "cache"
+    """``<storage_dir>/cache`` (absolute, ``~`` expanded: ``hescape.paths``)."""
+    return cache_dir(cfg.storage_dir)
 
 
 def resolve_dataset(cfg: StudyConfig, *, progress: bool = True) -> Path:
     """The dataset directory: ``data.path``, or the simulated dataset (simulated once)."""
     if cfg.data.path:
-        return Path(cfg.data.path).expanduser().resolve()
+        return absolute(cfg.data.path)
     from filelock import FileLock
 
     from hescape.data.simulate import SIMULATOR_VERSION, simulate
@@ -41,7 +43,7 @@ def resolve_dataset(cfg: StudyConfig, *, progress: bool = True) -> Path:
     spec = {"simulate": cfg.data.simulate.model_dump(), "split": cfg.data.split.model_dump(),
             "version": SIMULATOR_VERSION}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    out = cache_root(cfg) / "data" / f"sim-{key}"
+    out = cache_dir(cfg.storage_dir, "data") / f"sim-{key}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "manifest.json").is_file():
@@ -55,12 +57,12 @@ def prepare_expression(cfg: StudyConfig, paired: Any, *, progress: bool = True) 
     from hescape.preprocess import prepare
 
     return prepare(paired, cfg.preprocess.expression, batch_key=cfg.data.batch_key,
-                   cache_dir=cache_root(cfg) / "preprocess", progress=progress)
+                   cache_dir=cache_dir(cfg.storage_dir, "preprocess"), progress=progress)
 
 
 def prepared_entry_path(cfg: StudyConfig, prepared: Any) -> Path:
     """Where ``hescape.preprocess`` stored ``prepared`` (the entry base, no suffix)."""
-    return cache_root(cfg) / "preprocess" / f"expr-{prepared.method}-{prepared.cache_key}"
+    return cache_dir(cfg.storage_dir, "preprocess") / f"expr-{prepared.method}-{prepared.cache_key}"
 
 
 def fit_stain(cfg: StudyConfig, paired: Any) -> Any:
@@ -91,9 +93,9 @@ def prepare_inputs(
         prepared = prepare_expression(cfg, paired, progress=progress)
         prepared_path = prepared_entry_path(cfg, prepared)
     if features_path is None and use_feature_cache(cfg):
-        device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
         features_path = cached_features(cfg, paired, stain=fit_stain(cfg, paired),
-                                        device=device, progress=progress)
+                                        device=resolve_device(cfg.train.use_gpu),
+                                        progress=progress)
     return {"data_path": str(data_path), "prepared_path": str(prepared_path),
             "features_path": None if features_path is None else str(features_path)}
 

@@ -32,6 +32,7 @@ from hescape.train.checkpoint import (
     set_rng_state,
 )
 from hescape.train.dataset import resize_normalize
+from hescape.train.device import Compute
 from hescape.train.faults import maybe_kill_after_report
 from hescape.train.features import frozen_image_encoder
 from hescape.train.inputs import TrainInputs, load_train_inputs, make_train_loader
@@ -69,16 +70,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tc = cfg.train
     session = current_session()
     rank, world = session.world_rank, session.world_size
-    device = session.device(tc.use_gpu)
-    # auto: bf16 autocast on a GPU, fp32 on CPU; "bf16" asks for it on any device
-    bf16 = tc.precision == "bf16" or (device.type == "cuda" and tc.precision == "auto")
-    channels_last = device.type == "cuda" and tc.channels_last
+    compute = Compute.of(tc, session.device(tc.use_gpu))  # train.precision, channels_last
+    device = compute.device
     verbose = bool(config.get("verbose", True)) and rank == 0
     reset_peak_memory(device)
 
     # ---- inputs prepared by the driver (paths only), model, optimiser, resume
     data = load_train_inputs(config, cfg)
-    model, optimizer = build_model_and_optimizer(cfg, data, device, channels_last)
+    model, optimizer = build_model_and_optimizer(cfg, data, device, compute.channels_last)
     seed_everything(tc.seed + rank)  # same init on every rank, then per-rank dropout
     state = TrainState()
     with session.resume_checkpoint() as found:  # a restart's latest, else an explicit dir
@@ -101,8 +100,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # ---- one optimisation step
         lr = set_lr(optimizer, step, cfg)
         adv = adversary_weight(step, cfg.model.adversary)
-        batch = to_device(next(batches), device, channels_last, model.image_encoder)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        batch = to_device(next(batches), device, compute.channels_last, model.image_encoder)
+        with compute.autocast_context():
             out = net(gene=batch["gene"], image=batch.get("image"),
                       image_features=batch.get("feature"), adv_weight=adv)
             contrastive = loss_fn(out["img_emb"], out["gene_emb"], out["logit_scale"],
@@ -126,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"step": step + 1, "epoch": (step + 1) / sampler.batches_per_epoch(),
                    "train/lr": lr, "train/adv_weight": adv,
                    "train/steps_per_s": running.count / max(train_time, 1e-9),
-                   **running.means(), **validate(model, data, cfg, device=device),
+                   **running.means(), **validate(model, data, cfg, compute=compute),
                    **peak_memory(device)}
         running = RunningMeans()
         net.train()  # validate() left the model in eval mode
@@ -159,9 +158,7 @@ def build_model_and_optimizer(
     if model.image_frozen and model.image_encoder.weights_path is None:
         # random-init frozen encoder: the exact weights the feature cache used
         model.image_encoder.load_state_dict(frozen_image_encoder(cfg).state_dict())
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    Compute(torch.device(device), channels_last=channels_last).place(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=(0.9, 0.98), eps=1e-6)
     return model, optimizer

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from hescape.train.checkpoint import list_checkpoints
+from hescape.train.device import resolve_device
 
 ReportCallback = Callable[[dict[str, Any], "Path | None"], None]
 
@@ -48,7 +49,7 @@ class RaySession:
     def device(self, use_gpu: bool) -> torch.device:
         import ray.train.torch
 
-        return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        return resolve_device(use_gpu, gpu=ray.train.torch.get_device() if use_gpu else None)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:
@@ -123,7 +124,7 @@ class LocalSession:
             self._rank(path, _saved_metrics(path))
 
     def device(self, use_gpu: bool) -> torch.device:
-        return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        return resolve_device(use_gpu)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

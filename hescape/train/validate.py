@@ -11,7 +11,8 @@ import torch
 
 from hescape.config import StudyConfig
 from hescape.losses import create_loss
-from hescape.train.embed import iter_outputs
+from hescape.train.device import Compute
+from hescape.train.embed import compute_embeddings
 
 PROBE_MAX_ROWS = 2000
 
@@ -46,23 +47,14 @@ class RunningMeans:
         return out
 
 
-@torch.no_grad()
 def embed_rows(model: torch.nn.Module, data: Any, rows: np.ndarray, cfg: StudyConfig, *,
-               device: torch.device, loss_fn: Any = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """(img, gene, mean contrastive loss over batches of ``train.batch_size``) for ``rows``."""
+               compute: Compute, loss_fn: Any = None) -> dict[str, Any]:
+    """``compute_embeddings`` of ``rows`` of the training inputs, in batches of
+    ``train.batch_size`` (``loss``: mean contrastive loss over those batches)."""
     source = ({"features": data.features} if data.features is not None
               else {"images": data.paired.patches, "stain": data.stain})
-    img, gene, losses, sizes = [], [], [], []
-    for out in iter_outputs(model, gene_x=data.gene_x, rows=rows, device=device,
-                            batch_size=cfg.train.batch_size, **source):
-        img.append(out["img_emb"].float().cpu().numpy())
-        gene.append(out["gene_emb"].float().cpu().numpy())
-        if loss_fn is not None and len(out["img_emb"]) > 1:
-            losses.append(float(loss_fn(out["img_emb"].float(), out["gene_emb"].float(),
-                                        out["logit_scale"].float(), out["logit_bias"])))
-            sizes.append(len(out["img_emb"]))
-    loss = float(np.average(losses, weights=sizes)) if losses else float("nan")
-    return np.concatenate(img), np.concatenate(gene), loss
+    return compute_embeddings(model, compute=compute, gene_x=data.gene_x, rows=rows,
+                              batch_size=cfg.train.batch_size, loss_fn=loss_fn, **source)
 
 
 def donor_probe(emb: np.ndarray, donors: np.ndarray, *, seed: int = 0) -> tuple[float, float]:
@@ -94,7 +86,7 @@ def _probe_rows(data: Any, seed: int) -> tuple[np.ndarray, float]:
 
 
 def validate(model: torch.nn.Module, data: Any, cfg: StudyConfig, *,
-             device: torch.device) -> dict[str, float]:
+             compute: Compute) -> dict[str, float]:
     """``val/loss``, ``val/<retrieval keys>``, ``val/donor_acc_{img,gene}``, ``val/donor_chance``.
 
     Donor predictability is probed on the validation donors when there are >= 2 of them,
@@ -104,19 +96,21 @@ def validate(model: torch.nn.Module, data: Any, cfg: StudyConfig, *,
 
     ec = cfg.eval
     loss_fn = create_loss(cfg.loss)
-    img, gene, loss = embed_rows(model, data, data.val_idx, cfg, device=device, loss_fn=loss_fn)
-    metrics = {"val/loss": loss}
+    emb = embed_rows(model, data, data.val_idx, cfg, compute=compute, loss_fn=loss_fn)
+    img, gene = emb["img"], emb["gene"]
+    metrics = {"val/loss": emb["loss"]}
     retrieval = cross_modal_retrieval(
         img, gene, donors=data.donor_names[data.val_idx], ks=ec.ks, block_size=ec.block_size,
         inbatch_size=ec.inbatch_size, inbatch_repeats=ec.inbatch_repeats, seed=ec.seed)
     metrics.update({f"val/{k}": float(v) for k, v in retrieval.items()})
     rows, heldout = _probe_rows(data, ec.seed)
     if heldout == 0.0:
-        img, gene, _ = embed_rows(model, data, rows, cfg, device=device)
+        emb = embed_rows(model, data, rows, cfg, compute=compute)
+        img, gene = emb["img"], emb["gene"]
     else:
         img, gene = img[np.searchsorted(data.val_idx, rows)], gene[np.searchsorted(data.val_idx, rows)]
-    for name, emb in (("img", img), ("gene", gene)):
-        acc, chance = donor_probe(emb, data.donor_names[rows], seed=ec.seed)
+    for name, vectors in (("img", img), ("gene", gene)):
+        acc, chance = donor_probe(vectors, data.donor_names[rows], seed=ec.seed)
         metrics[f"val/donor_acc_{name}"] = acc
     metrics["val/donor_chance"] = chance
     metrics["val/donor_probe_heldout"] = heldout
