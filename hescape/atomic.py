@@ -9,7 +9,9 @@ file under the final name: readers see the old content or the new, never a mix.
   for libraries that write to a filename themselves (``np.save``, ``savefig``,
   ``AnnData.write_h5ad``, ``DataFrame.to_csv``); on success it is fsynced and renamed onto
   ``path``, on error removed.
-- ``replace_dir(tmp_dir, target)``: swap a fully written directory into place.
+- ``replace_dir(tmp_dir, target)``: swap a fully written directory into place (its files
+  fsynced first); ``atomic_dir(target)``: a context manager yielding a fresh temporary
+  directory beside ``target`` that replaces it on success and is removed on error.
 
 The temporary name starts with ``.`` and ends with ``.tmp`` (plus the original suffix, so
 libraries that look at suffixes still work), in the target's directory (``os.replace`` is
@@ -21,13 +23,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "replace_dir", "write_bytes", "write_json", "write_text", "write_with"]
+__all__ = ["atomic_dir", "atomic_path", "replace_dir", "write_bytes", "write_json", "write_text",
+           "write_with"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -50,7 +53,15 @@ def _fsync_file(path: Path) -> None:
 
 
 def _tmp_name(path: Path) -> tuple[int, str]:
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    """A new file beside ``path`` (like ``mkstemp``, but with the permissions a plain
+    ``open`` gives under the umask: an atomic write must not make a shared file private)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: no free temporary name beside it")
 
 
 @contextmanager
@@ -97,14 +108,25 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 1
     return write_text(path, json.dumps(obj, indent=indent, default=default))
 
 
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file and directory under ``directory`` (contents durable before a rename)."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = Path(root) / name
+            if path.is_file() and not path.is_symlink():
+                _fsync_file(path)
+        _fsync_dir(Path(root))
+
+
 def replace_dir(tmp_dir: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
     """Move the finished directory ``tmp_dir`` onto ``target`` (same filesystem).
 
-    An existing ``target`` is first renamed aside and removed only after the new one is in
-    place, so a crash in between leaves either the old or the new directory under ``target``
-    (and at worst a ``.<name>.old`` directory beside it).
+    The files in ``tmp_dir`` are fsynced first. An existing ``target`` is renamed aside and
+    removed only after the new one is in place, so a crash in between leaves either the old
+    or the new directory under ``target`` (and at worst a ``.<name>.old`` directory beside it).
     """
     tmp_dir, target = Path(tmp_dir), Path(target)
+    _fsync_tree(tmp_dir)
     trash = None
     if target.exists():
         trash = target.with_name(f".{target.name}.old")
@@ -116,3 +138,19 @@ def replace_dir(tmp_dir: str | os.PathLike[str], target: str | os.PathLike[str])
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
     return target
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new empty directory beside ``target``; fill it, and on success it replaces
+    ``target`` (``replace_dir``); on error it is removed and ``target`` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()  # mode from the umask, as the final directory would have
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -35,6 +35,16 @@ def storage_root(storage_dir: str | os.PathLike[str]) -> Path:
     return absolute(storage_dir)
 
 
+def mlflow_db(storage_dir: str | os.PathLike[str]) -> Path:
+    """``<storage_dir>/mlflow.db``: the default MLflow store (sqlite)."""
+    return storage_root(storage_dir) / "mlflow.db"
+
+
+def artifact_root(storage_dir: str | os.PathLike[str]) -> Path:
+    """``<storage_dir>/mlartifacts``: the default MLflow artifact root."""
+    return storage_root(storage_dir) / "mlartifacts"
+
+
 def cache_dir(storage_dir: str | os.PathLike[str], kind: CacheKind | None = None) -> Path:
     """``<storage_dir>/cache`` or one of its kinds (not created here)."""
     root = storage_root(storage_dir) / "cache"

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hescape import paths
+
 T = TypeVar("T")
 
 MASK = "***"
@@ -33,7 +35,8 @@ def resolve_tracking_uri(cfg_uri: str | None, storage_dir: Path | str) -> str:
     for candidate in (cfg_uri, os.environ.get("MLFLOW_TRACKING_URI")):
         if candidate is not None and candidate.strip():
             return normalize_db_uri(candidate.strip())
-    root = Path(storage_dir).expanduser().resolve()
+    db = paths.mlflow_db(storage_dir)
+    root = db.parent
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -41,11 +44,10 @@ def resolve_tracking_uri(cfg_uri: str | None, storage_dir: Path | str) -> str:
             f"cannot create the MLflow storage directory {root}: {exc.strerror}; "
             "set storage_dir to a writable path or MLFLOW_TRACKING_URI to a server"
         ) from exc
-    return f"sqlite:///{root / 'mlflow.db'}"
+    return f"sqlite:///{db}"
 
 
 ARTIFACT_LOCATION_ENV = "HESCAPE_ARTIFACT_LOCATION"
-ARTIFACT_DIR = "mlartifacts"  # <storage_dir>/mlartifacts/<experiment>/<run_id>/artifacts
 # Tracking URIs that name a server: it decides where artifacts go (--artifacts-destination).
 _SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
 _UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9_.\-]+")
@@ -67,10 +69,10 @@ def resolve_artifact_location(
     if root is None:
         if tracking_uri.partition("://")[0].lower() in _SERVER_SCHEMES:
             return None
-        root = str(Path(storage_dir).expanduser().resolve() / ARTIFACT_DIR)
+        root = str(paths.artifact_root(storage_dir))  # <root>/<experiment>/<run_id>/artifacts
     if "://" in root or root.startswith("mlflow-artifacts:"):
         return f"{root.rstrip('/')}/{name}"
-    return (Path(root).expanduser().resolve() / name).as_uri()
+    return (paths.absolute(root) / name).as_uri()
 
 
 def normalize_db_uri(uri: str) -> str:

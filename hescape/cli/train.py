@@ -35,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hescape.config import load_config
+    from hescape.paths import train_dir
     from hescape.train import fit, runs_in_process
 
     overrides = list(args.overrides)
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gpu:
         overrides.append("train.use_gpu=true")
     cfg = load_config(args.config, overrides)
-    run_dir = Path(cfg.storage_dir).expanduser().resolve() / "train" / cfg.name
+    run_dir = train_dir(cfg.storage_dir, cfg.name)
     if args.restart and run_dir.exists():
         shutil.rmtree(run_dir)
     mode = "in-process" if runs_in_process(cfg) else (

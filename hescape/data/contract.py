@@ -9,7 +9,6 @@ interrupted write leaves nothing that loads.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ import anndata as ad
 import numpy as np
 from anndata import AnnData
 
+from hescape.atomic import replace_dir
 from hescape.config import SplitConfig
 from hescape.data.errors import DataError
 from hescape.data.fingerprint import fingerprint as content_fingerprint
@@ -104,17 +104,8 @@ class DatasetWriter:
         }
         del patches
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        self._swap_into_place()
+        replace_dir(self.tmp, self.out)  # hescape.atomic: fsync, old dir aside, rename
         return self.out
-
-    def _swap_into_place(self) -> None:
-        trash = None
-        if self.out.exists():
-            trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out, trash)
-        os.replace(self.tmp, self.out)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
 
 
 def _prepare_obs(adata: AnnData) -> AnnData:

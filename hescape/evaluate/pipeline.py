@@ -16,8 +16,6 @@ per_donor.csv, probe_notes.json, per_gene_pearson.csv, comparison.csv and PNGs.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from hescape.atomic import atomic_path, write_text
 from hescape.evaluate import plots
 from hescape.evaluate.baselines import comparison_table, pca_expression
 from hescape.evaluate.probe_spec import (
@@ -154,15 +153,8 @@ def write_embeddings(path: Path, obs: pd.DataFrame, **emb: np.ndarray | None) ->
     adata = ad.AnnData(
         obs=clean, obsm={k: np.asarray(v, np.float32) for k, v in emb.items() if v is not None}
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".embeddings.", suffix=".h5ad")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -178,7 +170,7 @@ def _artifacts(out: Path, data: EvalData, got: Collected) -> dict[str, Path]:
                  else pd.DataFrame(columns=PER_DONOR_COLUMNS))  # fmt: skip
     arts["per_donor"] = _write(out / "per_donor.csv", lambda p: per_donor.to_csv(p, index=False))
     notes = json.dumps(got.notes, indent=1, sort_keys=True)
-    arts["probe_notes"] = _write(out / "probe_notes.json", lambda p: Path(p).write_text(notes))
+    arts["probe_notes"] = write_text(out / "probe_notes.json", notes)
     if got.tables:
         genes = pd.concat(got.tables.values(), ignore_index=True)
         arts["per_gene_pearson"] = _write(out / "per_gene_pearson.csv",
@@ -223,12 +215,7 @@ def _plots(out: Path, embs: dict, data: EvalData, got: Collected, comparison) ->
 
 
 def _write(path: Path, writer) -> Path:
-    """Write through a temporary sibling, then rename (no half-written artifact)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """``writer(temporary path)``, then the file appears at ``path`` (``hescape.atomic``)."""
+    with atomic_path(path) as tmp:
         writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

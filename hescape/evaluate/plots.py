@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from hescape.atomic import atomic_path
+
 UMAP_MIN_N = 200  # below this UMAP is neither stable nor worth its start-up cost: PCA 2-D
 
 
 def _save(fig, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` via a temporary file in the same folder, then rename."""
+    """Write ``fig`` to ``path`` atomically (``hescape.atomic``) and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def _figure(width: float = 5.5, height: float = 4.5):

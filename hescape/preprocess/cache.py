@@ -1,8 +1,8 @@
 """Content-addressed cache of preprocessed expression, shared by every trial and study.
 
 One entry per (dataset fingerprint, the variant's own options, split, batch key): a
-``<name>.npz`` (X) and a ``<name>.json`` (everything else), each written to a temporary file
-and ``os.replace``d into place, the json last (it is the commit marker). A ``filelock``
+``<name>.npz`` (X) and a ``<name>.json`` (everything else), each written atomically
+(``hescape.atomic``), the json last (it is the commit marker). A ``filelock``
 around the computation makes concurrent callers (Ray trials, two studies) compute once:
 the second waits, then reads what the first wrote.
 """
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hescape import atomic
 from hescape.preprocess.expression import PreparedExpression, apply_expression_variant
 from hescape.preprocess.spec import get_method, options_of
 
@@ -75,19 +74,6 @@ def prepare(paired: Any, cfg: ExpressionPreprocess, *, batch_key: str, cache_dir
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -102,9 +88,8 @@ def save_entry(base: Path, prepared: PreparedExpression) -> None:
             "method": prepared.method, "kind": prepared.kind, "info": prepared.info,
             "cache_key": prepared.cache_key, "shape": list(prepared.X.shape),
             "version": CACHE_VERSION}
-    _atomic_write(base.with_suffix(".npz"), lambda fh: np.savez(fh, X=prepared.X))
-    text = json.dumps(meta, indent=1, default=_jsonable).encode()
-    _atomic_write(base.with_suffix(".json"), lambda fh: fh.write(text))
+    atomic.write_with(base.with_suffix(".npz"), lambda fh: np.savez(fh, X=prepared.X))
+    atomic.write_json(base.with_suffix(".json"), meta, default=_jsonable)  # the commit marker
 
 
 def load_entry(base: Path) -> PreparedExpression | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hescape import paths
 from hescape.config import ConfigError, StudyConfig, load_config
 
 
@@ -56,7 +57,7 @@ def report_study(storage_dir: str | Path, name: str) -> Path:
     from hescape.study.lineage import LineageRef
     from hescape.study.report import write_report
 
-    study_dir = Path(storage_dir).expanduser().resolve() / name
+    study_dir = paths.study_dir(storage_dir, name)
     info_path = study_dir / "study.json"
     if not info_path.exists():
         raise ConfigError(f"no study {name!r} under {study_dir.parent} (missing {info_path})")

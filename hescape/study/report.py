@@ -12,14 +12,13 @@ to the study's parent MLflow run under ``report/``. ``write_report`` is also wha
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from hescape import atomic
 from hescape.config import StudyConfig
 from hescape.study import lineage
 from hescape.study import report_notes as notes
@@ -72,10 +71,11 @@ def write_report(
         cfg, rows, out=out, shared_work=shared_work, per_donor=per_donor, problems=problems,
         history=lambda run_id, key: metric_history(ref, run_id, key),
         settings=settings or BootstrapSettings(seed=cfg.eval.seed))
-    _atomic_write(out / "report.md", doc.markdown())
-    _atomic_write(out / "report.html", doc.html())
+    atomic.write_text(out / "report.md", doc.markdown())
+    atomic.write_text(out / "report.html", doc.html())
     for name, frame in frames.items():
-        frame.to_csv(out / f"{name}.csv", index=False)
+        with atomic.atomic_path(out / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
     client = lineage.MlflowClient(ref.tracking_uri)
     lineage.with_retry(lambda: client.log_artifacts(ref.parent_run_id, str(out), "report"))
     return out
@@ -321,9 +321,3 @@ def _failed(doc: Document, rows: Rows) -> None:
         doc.heading("Failed trials")
         doc.bullets([f"`{r['trial_id']}` {r['config_id']}: {r['error'][:300]}" for r in failed])
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

@@ -3,13 +3,14 @@ curves, Pareto front. PNGs written atomically; matplotlib with the Agg backend."
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from hescape.atomic import atomic_path
 
 COLORS = ("#5b8db8", "#d1495b", "#8a8a8a")
 
@@ -24,10 +25,10 @@ def _pyplot():
 
 
 def save(fig: Any, path: Path) -> Path:
+    """Lay out ``fig`` and write it to ``path`` atomically (``hescape.atomic``)."""
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     return path
 
 

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hescape.atomic import atomic_dir
 from hescape.config import StudyConfig
 
 log = logging.getLogger(__name__)
@@ -97,31 +95,19 @@ def save_checkpoint(
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (tmp dir + rename); returns its path.
+    """Write a checkpoint directory atomically (``hescape.atomic.atomic_dir``: a temporary
+    directory beside it, files fsynced, swapped into place); returns its path.
 
     ``train_state`` holds the optimiser/scheduler state, step, RNG, best metric and
     early-stop counter (``optim.pt``); ``meta`` goes to ``meta.json``.
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(target) as tmp:
         torch.save(_unwrap(model).state_dict(), tmp / MODEL_FILE)
         if train_state is not None:
             torch.save(train_state, tmp / OPTIM_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=float))
-        if target.exists():
-            trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, trash)
-            os.rename(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
