@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hescape import atomic, paths
 from hescape.config import ConfigError, StudyConfig
 from hescape.raystart import init_ray
 from hescape.study import lineage
@@ -59,7 +60,8 @@ class StudyResult:
 
 
 def study_dir_of(cfg: StudyConfig) -> Path:
-    return storage_root(cfg) / cfg.name
+    """``<storage_dir>/<name>`` (``hescape.paths``)."""
+    return paths.study_dir(cfg.storage_dir, cfg.name)
 
 
 def preflight(cfg: StudyConfig, *, source: str, resume: bool, overwrite: bool) -> Path:
@@ -196,8 +198,7 @@ def _phase_done(path: Path) -> bool:
 
 
 def _mark_done(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "hescape_phase_done").write_text(time.strftime("%F %T"))
+    atomic.write_text(path / "hescape_phase_done", time.strftime("%F %T"))
 
 
 def _write_study_json(study_dir: Path, cfg: StudyConfig, source: str, *, ref=None,
@@ -212,9 +213,7 @@ def _write_study_json(study_dir: Path, cfg: StudyConfig, source: str, *, ref=Non
             "status": "FINISHED" if report is not None else "RUNNING",
             "report_dir": str(report) if report is not None else None,
             "config": cfg.model_dump()}
-    tmp = study_dir / "study.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    os.replace(tmp, study_dir / "study.json")
+    atomic.write_json(study_dir / "study.json", info, indent=2, default=str)
 
 
 def finished_study(study_dir: Path) -> StudyResult | None:

@@ -25,7 +25,6 @@ directory and later copies them back, which would put an old scheduler state ove
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from hescape import atomic
 
 SCHEDULER_FILE = "scheduler.pkl"
 BACKUP = "tune_state"
@@ -64,13 +65,8 @@ class DurableScheduler(TrialScheduler):
         self.inner, self._stopped = state["inner"], set(state["stopped"])
 
     def _save(self) -> None:
-        tmp = f"{self.state_path}.tmp"
-        Path(tmp).parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            pickle.dump({"inner": self.inner, "stopped": sorted(self._stopped)}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_path)
+        state = {"inner": self.inner, "stopped": sorted(self._stopped)}
+        atomic.write_with(self.state_path, lambda fh: pickle.dump(state, fh))
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles the scheduler with the Tuner
         return {**self.__dict__, "_snapshotted": set(), "_loaded": False}
@@ -173,9 +169,7 @@ def backup_state(phase: Path, root: Path) -> None:
     target.mkdir()
     for path in files:
         shutil.copy2(path, target / path.name)
-    tmp = root / "current.tmp"
-    tmp.write_text(target.name)
-    os.replace(tmp, root / "current")
+    atomic.write_text(root / "current", target.name)
     if current is not None:
         shutil.rmtree(current, ignore_errors=True)
 
@@ -203,7 +197,6 @@ def repair_state(phase: Path, root: Path) -> bool:
     for path in files:
         path.unlink()
     for path in backup.iterdir():
-        tmp = phase / f".{path.name}.tmp"
-        shutil.copy2(path, tmp)
-        os.replace(tmp, phase / path.name)
+        with atomic.atomic_path(phase / path.name) as tmp:
+            shutil.copy2(path, tmp)
     return True

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hescape import atomic
 from hescape.config import StudyConfig
 
 LOGGED = "logged.json"
@@ -81,8 +81,4 @@ def read_evaluation(run_dir: Path) -> dict[str, float] | None:
 
 def mark_evaluation_logged(run_dir: Path, metrics: dict[str, float]) -> None:
     """Record (atomically) that ``metrics`` and the artifacts are in MLflow."""
-    path = Path(run_dir) / "eval" / LOGGED
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics))
-    os.replace(tmp, path)
+    atomic.write_json(Path(run_dir) / "eval" / LOGGED, metrics, indent=None)
