@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hescape.config import StudyConfig
+from hescape.paths import absolute
 from hescape.train.checkpoint import checkpoint_step, list_checkpoints
 from hescape.train.inputs import prepare_inputs
 from hescape.train.loop import TrainingError, train_loop_per_worker
@@ -57,7 +58,7 @@ def fit(
     when not given). ``resume_from`` is a checkpoint directory to continue from when
     ``run_dir`` holds none of its own (a previous run in ``run_dir`` is always resumed).
     """
-    run_dir = Path(run_dir).expanduser().resolve()
+    run_dir = absolute(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.model.image.mode == "frozen" and cfg.train.feature_cache \
             and cfg.preprocess.image.stain_augment > 0:
