@@ -22,7 +22,7 @@ VARIANTS = ("none", "harmony", "combat")
 def sizes(smoke: bool) -> dict[str, int]:
     """Trials, donors, spots per donor, genes."""
     if smoke:
-        return {"trials": 3, "donors": 3, "spots": 60, "genes": 40}
+        return {"trials": 3, "donors": 5, "spots": 40, "genes": 40}  # >= 2 training donors
     return {"trials": 12, "donors": 6, "spots": 1500, "genes": 500}
 
 
