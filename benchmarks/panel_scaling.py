@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.panel_stages import REPO, STAGES
+from benchmarks.panel_stages import METHOD, REPO, STAGES
 
 RESULTS = REPO / "benchmarks" / "results"
 GIB = 2**30
@@ -94,8 +94,8 @@ class Sampler(threading.Thread):
 def clear_outputs(stage: str, wd: Path) -> None:
     """Remove what ``stage`` wrote before, so it computes rather than hits a cache."""
     cache = wd / "runs" / "cache"
-    if stage.startswith("pre_"):
-        for f in (cache / "preprocess").glob(f"expr-{stage[4:]}-*"):
+    if stage in METHOD:
+        for f in (cache / "preprocess").glob(f"expr-{METHOD[stage]}-*"):
             f.unlink()
     targets = {"features": [cache / "features"], "trial": [wd / "trial"],
                "evaluate": [wd / "eval"], "simulate": [wd / "data"]}.get(stage, [])
@@ -247,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-rss-gib", type=float, default=20.0, help="kill a stage above this")
     p.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per stage")
     p.add_argument("--stop-on-error", action="store_true")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="merge these runs' results into --out (runs nothing)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="study config override for every stage (recorded in the results), "
                         "e.g. preprocess.expression.scvi.max_epochs=2 for a smoke run")
@@ -265,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results = data.get("results", {})
+    if args.merge:  # no stage runs: fold other runs' results in (later files win per stage)
+        for path in args.merge:
+            for size, rows in json.loads(Path(path).read_text())["results"].items():
+                results.setdefault(size, {}).update(rows)
+        write_outputs(args.out, results, exponents(results), machine())
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # -> run_stage kills its child
     def save() -> None:
         write_outputs(args.out, results, exponents(results), machine(), quiet=True)

@@ -23,9 +23,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEMO_YAML = REPO / "experiments" / "demo.yaml"
 PREPROCESS = ("none", "pca", "harmony", "scvi", "combat")
-TORCH_STAGES = ("pre_scvi", "features", "trial", "evaluate")
-STAGES = ("simulate", "validate", *(f"pre_{m}" for m in PREPROCESS), "features", "trial",
-          "evaluate")
+SCVI_FIXED_EPOCHS = 10
+STAGES = ("simulate", "validate", *(f"pre_{m}" for m in PREPROCESS), "pre_scvi_10ep",
+          "features", "trial", "evaluate")
+METHOD = {**{f"pre_{m}": m for m in PREPROCESS}, "pre_scvi_10ep": "scvi"}
 
 
 def rss_mib() -> float:
@@ -83,7 +84,8 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
-def _preprocess(method: str) -> Callable[[Any, Path], dict[str, Any]]:
+def _preprocess(method: str, **options: Any) -> Callable[[Any, Path], dict[str, Any]]:
+    """The stage computing ``method`` (its ``options`` overridden, e.g. fixed scVI epochs)."""
     def run(cfg: Any, wd: Path) -> dict[str, Any]:
         from hescape.data import load_paired
         from hescape.preprocess import prepare
@@ -91,6 +93,10 @@ def _preprocess(method: str) -> Callable[[Any, Path], dict[str, Any]]:
 
         paired = load_paired(cfg.data.path)
         variant = preprocess_variant(cfg, method)
+        if options:
+            section = {**getattr(variant, method).model_dump(), **options}
+            variant = variant.model_copy(update={method: type(getattr(variant, method))(
+                **section)})
         prepared = prepare(paired, variant, batch_key=cfg.data.batch_key,
                            cache_dir=cache_root(cfg) / "preprocess", progress=False)
         return {"variant": variant.model_dump(mode="json"),
@@ -142,6 +148,7 @@ IMPORTS: dict[str, tuple[str, ...]] = {
        for m in PREPROCESS},
     "pre_harmony": ("hescape.data", "hescape.preprocess", "harmonypy"),
     "pre_scvi": ("hescape.data", "hescape.preprocess", "scvi"),
+    "pre_scvi_10ep": ("hescape.data", "hescape.preprocess", "scvi"),
     "features": ("hescape.data", "hescape.models", "hescape.train.features", "timm"),
     "trial": ("hescape.train", "hescape.train.runner", "hescape.train.loop", "hescape.models",
               "hescape.metrics.retrieval", "sklearn.neighbors"),
@@ -164,6 +171,8 @@ def warm_imports(stage: str) -> None:
 RUNNERS: dict[str, Callable[[Any, Path], dict[str, Any]]] = {
     "simulate": _simulate, "validate": _validate,
     **{f"pre_{m}": _preprocess(m) for m in PREPROCESS},
+    # per-epoch cost: exactly SCVI_FIXED_EPOCHS for the reference and for the query model
+    "pre_scvi_10ep": _preprocess("scvi", max_epochs=SCVI_FIXED_EPOCHS, early_stopping=False),
     "features": _features, "trial": _trial, "evaluate": _evaluate,
 }
 
@@ -180,10 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
-    if args.stage in TORCH_STAGES:
-        import torch
+    import torch  # every stage starts from the same base (a study's processes import it)
 
-        torch.set_num_threads(int(os.environ.get("BENCH_THREADS") or (os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS") or (os.cpu_count() or 1)))
     wd = args.workdir.resolve()
     cfg = study_config(wd, args.size, args.steps, args.sets)
     warm_imports(args.stage)
