@@ -96,9 +96,10 @@ def normalize_log1p(adata: AnnData, *, target_sum: float = 1e4) -> np.ndarray:
     x = counts_matrix(adata)
     totals = np.asarray(x.sum(axis=1)).ravel()
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    if sparse.issparse(x):
+    if sparse.issparse(x):  # log1p(0) = 0: transform the stored values, densify as float32
         x = sparse.diags(scale) @ x
-        return np.log1p(x.toarray()).astype(np.float32)
+        x.data = np.log1p(x.data)
+        return x.astype(np.float32).toarray()
     return np.log1p(x * scale[:, None]).astype(np.float32)
 
 

@@ -66,15 +66,23 @@ def _inject(after: int, step: int, session: Any) -> None:
     wait = None if os.environ.get(NO_WAIT) else getattr(session, "wait_reported", None)
     if wait is not None:
         wait()
+    if not _claim(marker, f"{os.getpid()} {step}"):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _claim(marker: str, line: str) -> bool:
+    """Create ``marker`` exclusively with ``line`` (fsynced): True for the one process that
+    made it, False when it already existed (the fault happened already)."""
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        return
+        return False
     with os.fdopen(fd, "w") as fh:
-        fh.write(f"{os.getpid()} {step}\n")
+        fh.write(line + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
+    return True
 
 
 # ------------------------------------------------------------------ driver kills (resume tests)
@@ -120,14 +128,8 @@ def maybe_kill_driver(point: str, *, step: int | None = None, phase: str | None 
     pgid = os.environ.get(DRIVER_PGID)
     if not marker or not pgid:
         raise RuntimeError(f"{KILL_DRIVER_AT} needs {MARKER} and the driver's arm_driver()")
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    if not _claim(marker, f"{os.getpid()} {point} {step if step is not None else ''}"):
         return
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{os.getpid()} {point} {step if step is not None else ''}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
     if os.environ.get(DRIVER_SIGNAL, "KILL") == "INT":
         os.kill(int(pgid), signal.SIGINT)  # the driver leads its group: pid == pgid
         return

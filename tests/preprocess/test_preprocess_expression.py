@@ -29,6 +29,19 @@ def test_normalize_log1p_definition(toy):
     assert np.all(normalize_log1p(toy)[0] == 0)  # empty spot: zeros, not NaN
 
 
+def test_normalize_log1p_sparse_counts_equal_dense(toy):
+    """Sparse counts (the stored form) give exactly the dense path's values: log1p runs on
+    the stored entries only, and the matrix is densified once, as float32."""
+    from scipy import sparse
+
+    toy.X[0] = 0
+    dense = normalize_log1p(toy)
+    toy.X = sparse.csr_matrix(toy.X)
+    out = normalize_log1p(toy)
+    assert out.dtype == np.float32 and isinstance(out, np.ndarray)
+    np.testing.assert_array_equal(out, dense)
+
+
 def test_none_and_pca_flags(toy):
     none = apply_expression_variant(toy, ExpressionPreprocess(), batch_key="donor")
     assert none.method == "none" and not none.saw_heldout and none.X.shape == (60, 12)
