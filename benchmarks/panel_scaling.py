@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.panel_stages import METHOD, REPO, STAGES
+from benchmarks.panel_table import size_pairs
 
 RESULTS = REPO / "benchmarks" / "results"
 GIB = 2**30
@@ -162,7 +163,7 @@ def exponents(results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, An
     for stage in STAGES:
         sizes = sorted(int(n) for n, r in results.items() if "work_s" in r.get(stage, {}))
         pairs = []
-        for n1, n2 in zip(sizes, sizes[1:], strict=False):
+        for n1, n2 in size_pairs(sizes):
             a, b = results[str(n1)][stage], results[str(n2)][stage]
             pairs.append({"from": n1, "to": n2,
                           "time": exponent(n1, a["work_s"], n2, b["work_s"]),

@@ -10,6 +10,12 @@ from typing import Any
 from benchmarks.panel_stages import STAGES
 
 
+def size_pairs(sizes: list[int]) -> list[tuple[int, int]]:
+    """Consecutive sizes, plus smallest -> largest when there are more than two."""
+    pairs = list(zip(sizes, sizes[1:], strict=False))
+    return pairs + [(sizes[0], sizes[-1])] if len(sizes) > 2 else pairs
+
+
 def _fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -51,29 +57,46 @@ def _totals(results: dict[str, Any], sizes: list[int]) -> list[str]:
     return cells
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown(results: dict[str, Any], exps: dict[str, list[dict[str, Any]]]) -> str:
-    """Stage x size table: work seconds, peak RSS MiB; exponents between consecutive sizes."""
+    """Two tables. Stage x size: work seconds and peak RSS MiB, with the exponents between
+    the smallest and largest size; then the exponents between every pair of sizes."""
     sizes = sorted(int(n) for n in results)
-    pairs = list(zip(sizes, sizes[1:], strict=False))
-    head = ["stage"]
-    for n in sizes:
-        head += [f"{_label(n)}: s", f"{_label(n)}: peak RSS MiB"]
-    for n1, n2 in pairs:
-        head += [f"a {_label(n1)}->{_label(n2)}", f"b {_label(n1)}->{_label(n2)}",
-                 f"b growth {_label(n1)}->{_label(n2)}"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    pairs = size_pairs(sizes)
+    span = [(sizes[0], sizes[-1])] if len(sizes) > 1 else []
+    sl = [f"{_label(n1)}->{_label(n2)}" for n1, n2 in span]
+    head = (["stage"] + [f"{_label(n)}: s" for n in sizes] + [f"a {x}" for x in sl]
+            + [f"{_label(n)}: peak RSS MiB" for n in sizes] + [f"b {x}" for x in sl]
+            + [f"b growth {x}" for x in sl])
+    lines = [_row(head), "|" + "---|" + "---:|" * (len(head) - 1)]
     for stage in STAGES:
-        cells = [stage]
-        for n in sizes:
-            cells += _cells(results[str(n)].get(stage))
-        for n1, n2 in pairs:
-            cells += _exp(exps.get(stage, []), n1, n2)
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("| **pipeline** | " + " | ".join(_totals(results, sizes)
-                                                  + [""] * 3 * len(pairs)) + " |")
+        cells = [_cells(results[str(n)].get(stage)) for n in sizes]
+        ex = [_exp(exps.get(stage, []), n1, n2) for n1, n2 in span]
+        lines.append(_row([stage] + [c[0] for c in cells] + [e[0] for e in ex]
+                          + [c[1] for c in cells] + [e[1] for e in ex] + [e[2] for e in ex]))
+    totals = _totals(results, sizes)
+    lines.append(_row(["**pipeline**"] + totals[0::2] + [""] * len(span) + totals[1::2]
+                      + [""] * 2 * len(span)))
+    if len(pairs) > len(span):
+        lines += ["", "Exponents between each pair of sizes (a: time, b: peak RSS, "
+                  "g: RSS growth above the process's start):", ""]
+        head = ["stage"] + [f"{k} {_label(n1)}->{_label(n2)}" for n1, n2 in pairs
+                            for k in ("a", "b", "g")]
+        lines += [_row(head), "|" + "---|" + "---:|" * (len(head) - 1)]
+        for stage in STAGES:
+            lines.append(_row([stage] + [v for n1, n2 in pairs
+                                         for v in _exp(exps.get(stage, []), n1, n2)]))
     notes = [f"- N={n:,d} {stage}: {row.get('skipped') or row.get('error', '')[:200]}"
              for n in sizes for stage, row in results[str(n)].items()
              if "work_s" not in row]
+    loads = [f"{_label(n)} {min(r['load_avg_at_start'] for r in results[str(n)].values() if 'load_avg_at_start' in r):.1f}-"
+             f"{max(r['load_avg_at_start'] for r in results[str(n)].values() if 'load_avg_at_start' in r):.1f}"
+             for n in sizes if any("load_avg_at_start" in r for r in results[str(n)].values())]
+    if loads:
+        notes.append("- load average at each stage's start: " + ", ".join(loads))
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 

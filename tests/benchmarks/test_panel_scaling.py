@@ -36,14 +36,17 @@ def test_exponents_recover_the_power_law():
     results = {str(n): {"trial": _row(1e-6 * n**2, 100.0 + 0.01 * n)}
                for n in (10_000, 50_000, 200_000)}
     pairs = exponents(results)["trial"]
-    assert [(p["from"], p["to"]) for p in pairs] == [(10_000, 50_000), (50_000, 200_000)]
+    assert [(p["from"], p["to"]) for p in pairs] == [(10_000, 50_000), (50_000, 200_000),
+                                                    (10_000, 200_000)]  # + smallest->largest
     for p in pairs:
         assert p["time"] == pytest.approx(2.0) and p["rss_growth"] == pytest.approx(1.0)
         assert 0 < p["rss"] < 1  # the constant start RSS flattens the raw peak's exponent
     results["200000"]["trial"] = {"skipped": "needs ~30 GiB"}
     assert len(exponents(results)["trial"]) == 1  # a skipped size yields no exponent
     table = markdown(results, exponents(results))
-    assert "| trial | 100.0 | 200 | 2,500.0 | 600 | skipped |  | 2.00 | 0.68 | 1.00 |" in table
+    # seconds per size, a 10k->200k (none: skipped), peak RSS per size, b and b growth
+    assert "| trial | 100.0 | 2,500.0 | skipped |  | 200 | 600 |  |  |  |" in table
+    assert "| trial | 2.00 | 0.68 | 1.00 |" in table  # the per-pair table: 10k->50k
     assert "N=200,000 trial: needs ~30 GiB" in table
 
 
