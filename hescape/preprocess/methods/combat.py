@@ -58,17 +58,27 @@ class Reference:
     var: np.ndarray
 
     def standardise(self, y: np.ndarray) -> np.ndarray:
+        """(y - mean) / sd in one new array; genes with zero variance are 0."""
         sd = np.sqrt(self.var)
-        return np.divide(y - self.mean, sd, out=np.zeros_like(y), where=sd > 0)
+        out = np.subtract(y, self.mean)
+        np.divide(out, sd, out=out, where=sd > 0)
+        out[:, sd <= 0] = 0.0
+        return out
 
     def restore(self, s: np.ndarray) -> np.ndarray:
         return s * np.sqrt(self.var) + self.mean
 
 
-def fit_reference(y: np.ndarray, codes: np.ndarray, n_batch: int) -> Reference:
-    """Grand mean (batch-size weighted batch means) and pooled within-batch variance."""
-    means = np.stack([y[codes == b].mean(axis=0) for b in range(n_batch)])
-    return Reference(mean=y.mean(axis=0), var=((y - means[codes]) ** 2).mean(axis=0))
+def fit_reference(y: np.ndarray, members: list[np.ndarray]) -> Reference:
+    """Grand mean and pooled within-batch variance of the fitting rows, ``members[b]`` being
+    batch b's row indices (one batch in memory at a time)."""
+    total, sq = np.zeros(y.shape[1]), np.zeros(y.shape[1])
+    for rows in members:
+        block = y[rows]
+        total += block.sum(axis=0)
+        sq += ((block - block.mean(axis=0)) ** 2).sum(axis=0)
+    n = sum(len(rows) for rows in members)
+    return Reference(mean=total / n, var=sq / n)
 
 
 def eb_solve(s: np.ndarray, prior: Prior, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,31 +107,32 @@ def _rel(new: np.ndarray, old: np.ndarray, active: np.ndarray) -> float:
 
 
 def combat(y: np.ndarray, batches: np.ndarray, fit_rows: np.ndarray) -> tuple[np.ndarray, dict]:
-    """ComBat-adjusted ``y`` (N x G, float64): fitted on ``fit_rows``, other rows mapped."""
+    """ComBat-adjusted ``y`` (N x G, float64): fitted on ``fit_rows``, other rows mapped.
+
+    Memory: one N x G float64 array besides ``y`` (the standardised matrix, adjusted in
+    place into the result) plus one batch at a time.
+    """
     names, codes = np.unique(batches[fit_rows], return_inverse=True)
-    ref = fit_reference(y[fit_rows], codes, len(names))
-    s_fit = ref.standardise(y[fit_rows])
+    fit_idx = np.flatnonzero(fit_rows)
+    members = [fit_idx[codes == b] for b in range(len(names))]
+    ref = fit_reference(y, members)
     active = ref.var > 0
-    gamma_hat = np.stack([s_fit[codes == b].mean(axis=0) for b in range(len(names))])
-    delta_hat = np.stack([s_fit[codes == b].var(axis=0, ddof=1) for b in range(len(names))])
-    out = np.empty_like(y)
+    s = ref.standardise(y)
+    gamma_hat = np.stack([s[rows].mean(axis=0) for rows in members])
+    delta_hat = np.stack([s[rows].var(axis=0, ddof=1) for rows in members])
     fitted: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for b, name in enumerate(names):
-        rows = codes == b
-        gs, ds = eb_solve(s_fit[rows], Prior.of(gamma_hat[b], delta_hat[b]), active)
-        fitted[str(name)] = (gs, ds)
+        fitted[str(name)] = eb_solve(s[members[b]], Prior.of(gamma_hat[b], delta_hat[b]), active)
     pooled = Prior.of(gamma_hat, delta_hat)  # the prior a new (held-out) batch is shrunk to
-    s_all = ref.standardise(y)
     new_batches = sorted(set(batches[~fit_rows]) - set(fitted))
     for name in new_batches:
-        rows = (batches == name) & ~fit_rows
-        fitted[name] = eb_solve(s_all[rows], pooled, active)
-    for name, (gs, ds) in fitted.items():
-        rows = batches == name
-        out[rows] = ref.restore((s_all[rows] - gs) / np.sqrt(ds))
+        fitted[name] = eb_solve(s[(batches == name) & ~fit_rows], pooled, active)
+    for name, (gs, ds) in fitted.items():  # every estimate is made: adjust s in place
+        rows = np.flatnonzero(batches == name)
+        s[rows] = ref.restore((s[rows] - gs) / np.sqrt(ds))
     info = {"n_batches_fitted": int(len(names)), "heldout_batches_mapped": len(new_batches),
             "n_zero_variance_genes": int((~active).sum())}
-    return out, info
+    return s, info
 
 
 def run(inp: MethodInput, opts: CombatOptions) -> MethodOutput:
@@ -130,7 +141,10 @@ def run(inp: MethodInput, opts: CombatOptions) -> MethodOutput:
     genes = inp.genes(x)
     inductive = opts.mode == "inductive"
     fit_rows = inp.train_mask if inductive else np.ones(inp.adata.n_obs, dtype=bool)
-    out, info = combat(x[:, genes].astype(np.float64), inp.batches, fit_rows)
+    y = x.astype(np.float64) if len(genes) == x.shape[1] else x[:, genes].astype(np.float64)
+    del x  # float32 copy no longer needed
+    out, info = combat(y, inp.batches, fit_rows)
+    del y
     info.update(n_genes=int(len(genes)), mode=opts.mode,
                 fit_rows="training" if inductive else "all")
     if inductive and not fit_rows.all():
