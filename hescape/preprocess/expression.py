@@ -75,32 +75,48 @@ class MethodOutput:
 
 
 # ------------------------------------------------------------------------ normalise
+def _check_counts(values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise ValueError("adata.X contains NaN or inf; expression must be finite counts")
+    if (values < 0).any():
+        raise ValueError("adata.X contains negative values; expected raw counts (>= 0), "
+                         "not scaled or log-transformed data")
+
+
 def counts_matrix(adata: AnnData) -> np.ndarray | sparse.csr_matrix:
     """``adata.X`` as float64 CSR (sparse input) or ndarray, checked finite and >= 0."""
     x = adata.X
     x = sparse.csr_matrix(x, dtype=np.float64) if sparse.issparse(x) else np.asarray(x, np.float64)
-    data = x.data if sparse.issparse(x) else x
-    if not np.isfinite(data).all():
-        raise ValueError("adata.X contains NaN or inf; expression must be finite counts")
-    if (data < 0).any():
-        raise ValueError("adata.X contains negative values; expected raw counts (>= 0), "
-                         "not scaled or log-transformed data")
+    _check_counts(x.data if sparse.issparse(x) else x)
     return x
+
+
+ROWS_PER_BLOCK_CELLS = 2**22  # rows x genes per block of the sparse path (~32 MiB float64)
 
 
 def normalize_log1p(adata: AnnData, *, target_sum: float = 1e4) -> np.ndarray:
     """Library-size normalise each row to ``target_sum`` and log1p: float32 N x G.
 
-    Rows with zero counts stay zero.
+    Rows with zero counts stay zero. Sparse counts stay as stored: rows are normalised block
+    by block (float64 within a block) into the float32 result, so the only full-size array is
+    the result itself.
     """
-    x = counts_matrix(adata)
-    totals = np.asarray(x.sum(axis=1)).ravel()
+    if not sparse.issparse(adata.X):
+        x = counts_matrix(adata)
+        totals = x.sum(axis=1)
+        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        return np.log1p(x * scale[:, None]).astype(np.float32)
+    x = sparse.csr_matrix(adata.X)  # CSR input: a view of the same arrays, no copy
+    _check_counts(x.data)
+    totals = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    if sparse.issparse(x):  # log1p(0) = 0: transform the stored values, densify as float32
-        x = sparse.diags(scale) @ x
-        x.data = np.log1p(x.data)
-        return x.astype(np.float32).toarray()
-    return np.log1p(x * scale[:, None]).astype(np.float32)
+    out = np.empty(x.shape, dtype=np.float32)
+    step = max(1, ROWS_PER_BLOCK_CELLS // max(1, x.shape[1]))
+    for a in range(0, x.shape[0], step):
+        block = sparse.diags(scale[a:a + step]) @ x[a:a + step].astype(np.float64)
+        block.data = np.log1p(block.data)  # log1p(0) = 0: only the stored values change
+        out[a:a + step] = block.toarray()
+    return out
 
 
 def select_genes(x_log: np.ndarray, n_top: int | None, fit_rows: np.ndarray) -> np.ndarray:

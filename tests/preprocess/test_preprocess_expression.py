@@ -29,11 +29,16 @@ def test_normalize_log1p_definition(toy):
     assert np.all(normalize_log1p(toy)[0] == 0)  # empty spot: zeros, not NaN
 
 
-def test_normalize_log1p_sparse_counts_equal_dense(toy):
-    """Sparse counts (the stored form) give exactly the dense path's values: log1p runs on
-    the stored entries only, and the matrix is densified once, as float32."""
+@pytest.mark.parametrize("block_cells", [2**22, 50])  # one block; blocks of 4 rows (12 genes)
+def test_normalize_log1p_sparse_counts_equal_dense(toy, monkeypatch, block_cells):
+    """Sparse counts (the stored form) give exactly the dense path's values, whether the rows
+    are normalised in one block or several: log1p runs on the stored entries only and each
+    block is written into the float32 result."""
     from scipy import sparse
 
+    from hescape.preprocess import expression
+
+    monkeypatch.setattr(expression, "ROWS_PER_BLOCK_CELLS", block_cells)
     toy.X[0] = 0
     dense = normalize_log1p(toy)
     toy.X = sparse.csr_matrix(toy.X)
