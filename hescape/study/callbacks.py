@@ -15,6 +15,7 @@ never shows a trial RUNNING forever. ``ConsoleProgress`` replaces Tune's status 
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,6 +23,19 @@ from ray.tune import Callback
 
 from hescape.study import lineage
 from hescape.study.reporting import FINAL, REPORT_KIND, RESUMED, TIME_ATTR, TRAIN
+
+# Set by the driver's SIGINT/SIGTERM handler before it raises KeyboardInterrupt. The raise
+# can land inside a finaliser (e.g. a Ray ObjectRef's __dealloc__ in Tune's loop), where
+# Python prints "Exception ignored" and carries on; ``Interrupted`` raises it again.
+INTERRUPTED = threading.Event()
+
+
+class Interrupted(Callback):
+    """Re-raises a Ctrl-C / SIGTERM the driver received at the start of each Tune step."""
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt("interrupted (signal received during Tune's loop)")
 
 
 def stopped_by_scheduler(trial: Any) -> bool:

@@ -26,6 +26,7 @@ from hescape import atomic, paths
 from hescape.config import ConfigError, StudyConfig
 from hescape.raystart import init_ray
 from hescape.study import lineage
+from hescape.study.callbacks import INTERRUPTED
 from hescape.study.resources import (
     check_storage,
     git_commit,
@@ -186,6 +187,8 @@ def _run_phase(cfg, shared: SharedContext, res, concurrency: int, phase: str, *,
     tuner = (restore_tuner(cfg, shared, res, concurrency, phase, points=points) if restoring
              else build_tuner(cfg, shared, res, concurrency, phase, points=points))
     grid = tuner.fit()
+    if INTERRUPTED.is_set():  # a signal whose KeyboardInterrupt was swallowed inside Tune
+        raise KeyboardInterrupt(f"{phase} phase interrupted by a signal")
     missing = (expected_trials(cfg, shared, points) - len(grid)
                + len(grid) - grid.num_terminated - grid.num_errors)
     if missing > 0:  # Tune stopped early on a signal of its own (SIGUSR1): not done
@@ -244,20 +247,23 @@ def _log_shared(ref, shared_work: dict[str, Any]) -> None:
     lineage.log_json_artifact(ref, ref.parent_run_id, shared_work, "shared_work.json")
 
 
-def _install_signal_handlers():
-    """SIGTERM raises KeyboardInterrupt, as SIGINT does. Tune's own SIGINT handler is off: it
-    ends a phase early and stops the running trials as if they had finished."""
+def _install_signal_handlers() -> dict[int, Any] | None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt and set ``INTERRUPTED`` (Tune's loop raises
+    it again if the first raise was swallowed). Tune's own SIGINT handler is off: it ends a
+    phase early and stops the running trials as if they had finished."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    INTERRUPTED.clear()
 
     def _raise(signum, frame):  # noqa: ARG001
+        INTERRUPTED.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
     try:
-        return signal.signal(signal.SIGTERM, _raise)
+        return {sig: signal.signal(sig, _raise) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not in the main thread
         return None
 
 
-def _restore_signal_handlers(previous) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+def _restore_signal_handlers(previous: dict[int, Any] | None) -> None:
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hescape.config import StudyConfig
-from hescape.study.callbacks import ConsoleProgress, MlflowCloser
+from hescape.study.callbacks import ConsoleProgress, Interrupted, MlflowCloser
 from hescape.study.durable import BACKUP, DurableScheduler, repair_state
 from hescape.study.reporting import TIME_ATTR, objectives, scheduler_metric
 from hescape.study.resources import TrialResources
@@ -99,7 +99,7 @@ def _run_config(cfg: StudyConfig, shared: SharedContext, phase: str):
     return tune.RunConfig(
         name=phase,
         storage_path=str(Path(shared.study_dir) / "tune"),
-        callbacks=[MlflowCloser(shared.lineage), progress],
+        callbacks=[MlflowCloser(shared.lineage), progress, Interrupted()],
         failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
         verbose=1 if shared.verbose else 0,  # --verbose: Tune's status tables
     )
