@@ -137,7 +137,10 @@ def test_driver_killed_anywhere_resumes_to_the_uninterrupted_study(tmp_path):
         marker = tmp_path / f"killed-{i}"
         out = _run(store, *(["--resume"] if i else []), fault=fault, marker=marker)
         expected = 130 if fault in CTRL_C else -signal.SIGKILL
-        assert out.returncode == expected, (fault, out.returncode, out.stderr[-3000:])
+        assert out.returncode == expected, (  # did the fault fire (marker) and what was said
+            fault, out.returncode, marker.exists() and marker.read_text(),
+            [ln for ln in out.stderr.splitlines() if "Exception ignored" in ln or "Interrupt" in ln],
+            out.stdout[-2000:], out.stderr[-3000:])
         assert marker.read_text().split()[1] == fault.split(":")[0].split("@")[0], fault
         for phase in ("search", "seeds"):  # a trial that did work is one Tune restores
             phase_dir = store / "tiny" / "tune" / phase
