@@ -258,8 +258,11 @@ def _install_signal_handlers() -> dict[int, Any] | None:
         INTERRUPTED.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
+    # a SIGINT the process was started ignoring (nohup, `cmd &` in a script) stays ignored
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM)
+            if not (s == signal.SIGINT and signal.getsignal(s) is signal.SIG_IGN)]
     try:
-        return {sig: signal.signal(sig, _raise) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return {sig: signal.signal(sig, _raise) for sig in sigs}
     except ValueError:  # not in the main thread
         return None
 

@@ -68,9 +68,12 @@ def _run(store: Path, *extra: str, fault: str | None = None, marker: Path | None
                     faults.DRIVER_SIGNAL: "INT" if fault in CTRL_C else "KILL"})
     args = [sys.executable, str(ROOT / "study/run.py"), str(ROOT / "experiments/tiny.yaml"),
             f"--set=storage_dir={store}", *OVERRIDES, *extra]
-    # its own session: the fault kills the driver's process group, never pytest
+    # its own session: the fault kills the driver's process group, never pytest. SIGINT at
+    # its default, as in a terminal: an earlier test can leave pytest ignoring it, a child
+    # inherits that, and a driver started ignoring SIGINT keeps ignoring it (nohup rule)
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          start_new_session=True)
+                          start_new_session=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _runs(store: Path):

@@ -22,9 +22,28 @@ class _SignalsInFinaliser:
             pass
 
 
+@pytest.fixture(autouse=True)
+def _sigint_default():
+    """SIGINT at its default whatever earlier tests left (Ray can leave it ignored)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_a_sigint_ignored_at_start_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = driver._install_signal_handlers()
+    try:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+    finally:
+        driver._restore_signal_handlers(previous)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_swallowed_interrupt_is_raised_again_at_the_next_tune_step(signum):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous = driver._install_signal_handlers()
     try:
         assert not INTERRUPTED.is_set()
@@ -43,4 +62,4 @@ def test_a_swallowed_interrupt_is_raised_again_at_the_next_tune_step(signum):
     finally:
         driver._restore_signal_handlers(previous)
         INTERRUPTED.clear()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
