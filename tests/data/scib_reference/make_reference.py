@@ -34,7 +34,7 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 HERE = Path(__file__).parent
-STARMAP = Path("/work/shared/realdata/starmap_mpfc_3sections.h5ad")
+STARMAP = HERE.parent / "real" / "starmap_mpfc_3sections.h5ad"  # the copy the tests read
 N_STARMAP = 1500
 N_PCS = 30
 PACKAGES = ("scib-metrics", "jax", "jaxlib", "numpy", "scipy", "scikit-learn", "pynndescent",
