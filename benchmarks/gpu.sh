@@ -5,6 +5,11 @@
 # benchmarks/results/gpu-*.json + gpu-latest.md.
 #   bash benchmarks/gpu.sh            # on a GPU machine, from the repository root
 #   bash benchmarks/gpu.sh --smoke    # CPU, seconds (what CI runs)
+# Vectorised head-only trials (issue 20.4): K = 1, 4, 16, 64, 256 head-only configurations
+# stacked in one process on the GPU vs one trial per process (4 processes at a time), one
+# run capped at 540 s; writes benchmarks/results/gpu-vectorised.{json,log}:
+#   bash benchmarks/gpu.sh vectorised          # on a GPU machine (run it on its own)
+#   bash benchmarks/gpu.sh vectorised --smoke  # CPU, about a minute
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -12,6 +17,19 @@ PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 OUT=benchmarks/results
 mkdir -p "$OUT"
+if [ "${1:-}" = "vectorised" ]; then
+  shift
+  if [ "${1:-}" = "--smoke" ]; then
+    exec "$PY" -m benchmarks.vectorised_trials --smoke --json "$OUT/gpu-vectorised-smoke.json"
+  fi
+  set +e
+  timeout 540 "$PY" -m benchmarks.vectorised_trials --use-gpu --ks 1,4,16,64,256 \
+    --concurrency 4 --baseline-sample 4 --json "$OUT/gpu-vectorised.json" "$@" 2>&1 \
+    | tee "$OUT/gpu-vectorised.log"
+  status=${PIPESTATUS[0]}
+  [ "$status" -eq 0 ] || echo "vectorised run failed or timed out (exit $status)"
+  exit "$status"
+fi
 if [ "${1:-}" = "--smoke" ]; then
   exec "$PY" benchmarks/gpu_bench.py --smoke --json "$OUT/gpu-smoke.json"
 fi

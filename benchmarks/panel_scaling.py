@@ -3,10 +3,12 @@
 For each size N (``--sizes 10k,50k,200k``; 16 donors, 380 genes, 64 px patches: the
 ``scale-*`` simulator presets) every stage runs alone in a fresh process
 (``benchmarks/panel_stages.py``): simulate, validate (``load_paired``), each preprocessing
-variant (none, pca, harmony inductive, scvi with its default epochs, combat), the frozen
+variant (none, pca, harmony inductive, scvi/drvi at their default epochs, combat), the frozen
 feature cache (demo encoder: EfficientNet-Lite0 at 64 px), one head-only trial (feature
-cache, ``--steps`` steps) and the evaluation on the held-out donors (whole-set retrieval,
-probes, mixing, baselines, plots). Per stage: wall seconds, seconds of the work itself
+cache, ``--steps`` steps), the trial's evaluation as a study trial runs it (``trial_eval``:
+every per-trial probe; the study's baselines and UMAPs are computed once per study, not per
+trial) and the full stand-alone evaluation of ``hescape evaluate`` (``evaluate``: + baselines,
+plots). A trial's marginal cost in a study is ``trial`` + ``trial_eval``. Per stage: wall seconds, seconds of the work itself
 (imports excluded), peak RSS (``wait4`` ru_maxrss), sampled peak anonymous / file-backed RSS,
 and RSS growth over the process's start. Between sizes: the growth exponents
 time ~ N^a and memory ~ N^b. Not a timed test: nothing asserts a speed.
@@ -99,7 +101,8 @@ def clear_outputs(stage: str, wd: Path) -> None:
         for f in (cache / "preprocess").glob(f"expr-{METHOD[stage]}-*"):
             f.unlink()
     targets = {"features": [cache / "features"], "trial": [wd / "trial"],
-               "evaluate": [wd / "eval"], "simulate": [wd / "data"]}.get(stage, [])
+               "evaluate": [wd / "eval"], "trial_eval": [wd / "trial_eval"],
+               "simulate": [wd / "data"]}.get(stage, [])
     for t in targets:
         shutil.rmtree(t, ignore_errors=True)
     (wd / "stages" / f"{stage}.json").unlink(missing_ok=True)
@@ -252,7 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="merge these runs' results into --out (runs nothing)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="study config override for every stage (recorded in the results), "
-                        "e.g. preprocess.expression.scvi.max_epochs=2 for a smoke run")
+                        "e.g. preprocess.expression.scvi.max_epochs=2 for a smoke run "
+                        "(drvi.max_epochs likewise)")
     args = p.parse_args(argv)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in args.stages if s not in STAGES]

@@ -22,10 +22,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_YAML = REPO / "experiments" / "demo.yaml"
-PREPROCESS = ("none", "pca", "harmony", "scvi", "combat")
+PREPROCESS = ("none", "pca", "harmony", "scvi", "combat", "drvi")
 SCVI_FIXED_EPOCHS = 10
 STAGES = ("simulate", "validate", *(f"pre_{m}" for m in PREPROCESS), "pre_scvi_10ep",
-          "features", "trial", "evaluate")
+          "features", "trial", "trial_eval", "evaluate")
 METHOD = {**{f"pre_{m}": m for m in PREPROCESS}, "pre_scvi_10ep": "scvi"}
 
 
@@ -140,6 +140,27 @@ def _evaluate(cfg: Any, wd: Path) -> dict[str, Any]:
     return {"metrics": {k: metrics[k] for k in keep}, "n_metrics": len(metrics)}
 
 
+def _trial_eval(cfg: Any, wd: Path) -> dict[str, Any]:
+    """The trial's evaluation as a study trial runs it (``evaluation.evaluate_trial``'s
+    call): the trained model on the cached features and the prepared variant, every
+    per-trial probe; no baselines (a study evaluates them once) and no embedding UMAPs (drawn
+    at report time for the top trials)."""
+    from hescape.data import load_paired
+    from hescape.evaluate.checkpoint_eval import evaluate_trained
+    from hescape.train.features import cached_features
+    from hescape.train.trained import TrainedModel
+
+    trial = json.loads((wd / "stages" / "trial.json").read_text())
+    paired = load_paired(cfg.data.path)
+    trained = TrainedModel.load(trial["info"]["best_checkpoint"])
+    feats = cached_features(trained.cfg, paired, progress=False)
+    metrics, _ = evaluate_trained(trained, paired, out_dir=wd / "trial_eval", features=feats,
+                                  baselines=False, embedding_plots=False, progress=False)
+    keep = [k for k in sorted(metrics) if k.endswith(("r5_img2gene", "r5_gene2img"))
+            or "pearson_mean" in k or k.endswith("n_test")]
+    return {"metrics": {k: metrics[k] for k in keep}, "n_metrics": len(metrics)}
+
+
 # modules each stage imports, loaded before its clock starts (import time is not work)
 IMPORTS: dict[str, tuple[str, ...]] = {
     "simulate": ("hescape.data", "anndata", "scipy.ndimage"),
@@ -149,11 +170,14 @@ IMPORTS: dict[str, tuple[str, ...]] = {
     "pre_harmony": ("hescape.data", "hescape.preprocess", "harmonypy"),
     "pre_scvi": ("hescape.data", "hescape.preprocess", "scvi"),
     "pre_scvi_10ep": ("hescape.data", "hescape.preprocess", "scvi"),
+    "pre_drvi": ("hescape.data", "hescape.preprocess", "scvi", "drvi"),
     "features": ("hescape.data", "hescape.models", "hescape.train.features", "timm"),
     "trial": ("hescape.train", "hescape.train.runner", "hescape.train.loop", "hescape.models",
               "hescape.metrics.retrieval", "sklearn.neighbors"),
     "evaluate": ("hescape.evaluate.checkpoint_eval", "hescape.evaluate.pipeline", "umap",
                  "matplotlib.pyplot", "sklearn.linear_model"),
+    "trial_eval": ("hescape.evaluate.checkpoint_eval", "hescape.evaluate.pipeline",
+                   "hescape.train.trained", "sklearn.linear_model"),
 }
 
 
@@ -173,7 +197,7 @@ RUNNERS: dict[str, Callable[[Any, Path], dict[str, Any]]] = {
     **{f"pre_{m}": _preprocess(m) for m in PREPROCESS},
     # per-epoch cost: exactly SCVI_FIXED_EPOCHS for the reference and for the query model
     "pre_scvi_10ep": _preprocess("scvi", max_epochs=SCVI_FIXED_EPOCHS, early_stopping=False),
-    "features": _features, "trial": _trial, "evaluate": _evaluate,
+    "features": _features, "trial": _trial, "trial_eval": _trial_eval, "evaluate": _evaluate,
 }
 
 

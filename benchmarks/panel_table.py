@@ -69,6 +69,20 @@ def _totals(results: dict[str, Any], sizes: list[int]) -> list[str]:
     return cells
 
 
+def _marginal(results: dict[str, Any], sizes: list[int]) -> list[str]:
+    """What one more trial costs in a study (the shared work is done once): its training and
+    its evaluation as a study trial runs it; "" where either was not measured."""
+    cells = []
+    for n in sizes:
+        rows = [results[str(n)].get(k) or {} for k in ("trial", "trial_eval")]
+        if all("work_s" in r for r in rows):
+            t, e = (r["work_s"] for r in rows)
+            cells.append(f"{t + e:,.1f} ({t:,.1f} + {e:,.1f})")
+        else:
+            cells.append("")
+    return cells
+
+
 def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -92,6 +106,11 @@ def markdown(results: dict[str, Any], exps: dict[str, list[dict[str, Any]]]) -> 
     totals = _totals(results, sizes)
     lines.append(_row(["**one trial** (costliest variant)"] + totals[0::2] + [""] * len(span) + totals[1::2]
                       + [""] * 2 * len(span)))
+    marginal = _marginal(results, sizes)
+    if any(marginal):
+        lines.append(_row(["**a trial's marginal cost in a study** (trial + trial_eval)"]
+                          + marginal + [""] * len(span) + [""] * len(sizes)
+                          + [""] * 2 * len(span)))
     if len(pairs) > len(span):
         lines += ["", "Exponents between each pair of sizes (a: time, b: peak RSS, "
                   "g: RSS growth above the process's start):", ""]

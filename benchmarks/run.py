@@ -36,9 +36,11 @@ BENCHMARKS = {
     "retrieval": "benchmarks.retrieval",
     "data_loading": "benchmarks.data_loading",
     "memmap": "benchmarks.memmap",
+    "eval_cost": "benchmarks.eval_cost",
     "trial_memory": "benchmarks.trial_memory",
     "overhead": "benchmarks.trial_overhead",
     "scaling": "benchmarks.scaling",
+    "vectorised": "benchmarks.vectorised_trials",
 }
 
 

@@ -10,6 +10,7 @@ plain dicts (``cfg.model_dump()``) and are rebuilt with ``StudyConfig.model_vali
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -21,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -105,8 +107,14 @@ class DataConfig(Strict):
     simulate: SimulateConfig = SimulateConfig()
     split: SplitConfig = SplitConfig()
     batch_key: Literal["donor", "slide"] = "donor"
-    label_key: str = "state"
+    label_key: Optional[str] = Field(
+        "state", description="obs column of spot labels (label probes); null = unlabelled "
+        "data: label probes are skipped with a note")
     mutation_key: Optional[str] = "mutation"
+    fold: Optional[int] = Field(
+        None, ge=0, description="donor fold (0..eval.donor_folds-1) replacing the dataset's "
+        "split: test = that fold's donors, val = the next fold's, train = the rest; set per "
+        "trial by a study with eval.donor_folds")
 
 
 # --------------------------------------------------------------------- preprocess
@@ -204,6 +212,12 @@ class TrainConfig(Strict):
     compile: bool = False
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0, description="worker-failure restarts (Ray FailureConfig)")
+    stack_size: int = Field(
+        1, ge=1, le=1024, description="head-only trials sharing a stack key train as one "
+        "stacked model, up to this many per stack (each trial reserves 1/stack_size of a "
+        "worker's resources); 1 = every trial trains alone")
+    stack_wait_s: float = Field(3.0, ge=0.0, description="how long a stack waits for more "
+                                "members after the first joins")
 
     @model_validator(mode="after")
     def _packing(self) -> TrainConfig:
@@ -231,13 +245,31 @@ class EvalConfig(Strict):
     mixing_subsample: int = Field(5000, ge=100)
     mutation_min_donors_per_class: int = Field(10, ge=2)
     mutation_cv_folds: int = Field(5, ge=2)
-    mutation_permutations: int = Field(200, ge=1, description="exact when fewer labelings")
-    mutation_bootstrap: int = Field(200, ge=1, description="donor resamples, each a CV refit")
+    mutation_permutations: int = Field(200, ge=1, description="exact when fewer labelings; "
+                                       ">= 39 for a finite 95% interval")
+    mutation_bootstrap: Optional[int] = Field(
+        None, description="obsolete (the interval now inverts the permutation test, no "
+        "bootstrap): accepted so older configs load, ignored, warned and dropped")
     fixed_gallery: int = Field(1000, ge=2, description="held-out spots per retrieval gallery")
     fixed_gallery_draws: int = Field(5, ge=1)
     baselines: bool = True
     plots: bool = True
+    umap_top_trials: int = Field(3, ge=0, description="a study draws the embedding UMAPs of "
+                                 "its best trials (by the first objective) at report time")
+    donor_folds: Optional[int] = Field(
+        None, ge=3, description="donor cross-validation: the controlled comparisons (the "
+        "confirm phase, or a grid) run every configuration on k donor folds, so every donor "
+        "is a test donor once; null = the dataset's own split")
     seed: int = 0
+
+    @field_validator("mutation_bootstrap")
+    @classmethod
+    def _obsolete_bootstrap(cls, value: Optional[int]) -> None:
+        if value is not None:
+            warnings.warn("eval.mutation_bootstrap is obsolete and ignored: the mutation "
+                          "probe's interval inverts its permutation test (no bootstrap); "
+                          "delete the key", UserWarning, stacklevel=2)  # fmt: skip
+        return None
 
 
 # -------------------------------------------------------------------------- sweep
@@ -270,16 +302,39 @@ class Objective(Strict):
     mode: Literal["max", "min"] = "max"
 
 
+class ConfirmConfig(Strict):
+    """The confirm phase: after the search, the best configuration re-run with each swept
+    factor set to each level (the others held at the best), ``seeds`` seeds each."""
+
+    enabled: Optional[bool] = Field(
+        None, description="null = on for tpe/random (their comparisons are marginal), off for "
+        "grid (a grid over seeds is already a controlled, replicated design)")
+    seeds: int = Field(3, ge=2, description="seeds per confirmed configuration (>= 2: seed "
+                       "variation must be measured before an effect gets a verdict)")
+    levels: int = Field(3, ge=2, description="levels of a continuous factor: its range's ends "
+                        "and the searched best value (more: evenly spaced, log for loguniform)")
+
+
 class SweepConfig(Strict):
     searcher: Literal["tpe", "random", "grid"] = "tpe"
-    scheduler: Literal["asha", "none"] = "asha"
+    scheduler: Literal["asha", "moasha", "none"] = Field(
+        "asha", description="early stopping: asha (the first objective), moasha (Pareto "
+        "ranking of every objective at each rung), none")
     num_samples: int = Field(8, ge=1, description="trials (tpe/random); ignored by grid")
     objectives: list[Objective] = [Objective(metric="val/r5_img2gene", mode="max")]
     params: dict[str, SweepParam] = {}
     seeds: int = Field(1, ge=1, description="repeat each configuration over n seeds")
     seed_top_k: int = Field(3, ge=1, description="tpe/random: re-run the top-k configs over seeds")
     max_concurrent: Optional[int] = Field(None, ge=1)
-    grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial may stop")
+    grace_period: int = Field(1, ge=1, description="ASHA/MO-ASHA: evaluations before a trial "
+                              "may stop")
+    confirm: ConfirmConfig = ConfirmConfig()
+
+    @property
+    def confirm_enabled(self) -> bool:
+        """Whether the study runs a confirm phase (``confirm.enabled``, null = not grid)."""
+        on = self.confirm.enabled
+        return self.searcher != "grid" if on is None else bool(on)
 
     @model_validator(mode="after")
     def _space(self) -> SweepConfig:
@@ -290,7 +345,8 @@ class SweepConfig(Strict):
             if bad:
                 raise ValueError(f"grid searcher needs 'choice' parameters only; not: {bad}")
         if len(self.objectives) > 1 and self.scheduler == "asha":
-            raise ValueError("ASHA needs a single objective; set sweep.scheduler: none")
+            raise ValueError("ASHA needs a single objective; set sweep.scheduler: moasha "
+                             "(stops on the Pareto ranking of all objectives) or none")
         return self
 
 
@@ -316,6 +372,14 @@ class StudyConfig(Strict):
     eval: EvalConfig = EvalConfig()
     mlflow: MlflowConfig = MlflowConfig()
     sweep: Optional[SweepConfig] = None
+
+    @model_validator(mode="after")
+    def _fold(self) -> StudyConfig:
+        fold, k = self.data.fold, self.eval.donor_folds
+        if fold is not None and (k is None or fold >= k):
+            raise ValueError(f"data.fold={fold} needs eval.donor_folds > {fold} (k donor folds "
+                             f"numbered 0..k-1); got eval.donor_folds={k}")
+        return self
 
 
 # ------------------------------------------------------------------------ loading
@@ -387,7 +451,8 @@ def _format_validation(source: str, exc: ValidationError) -> str:
         loc = ".".join(str(x) for x in err["loc"]) or "<top>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see experiments/base.yaml for valid keys)"
+            msg = ("unknown key (check the spelling; every valid key, with its default and "
+                   "meaning: experiments/schema.yaml)")
         lines.append(f"  - {loc}: {msg}")
     return "\n".join(lines)
 

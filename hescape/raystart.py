@@ -19,19 +19,24 @@ STARTUP_TIMEOUT = "timed out during startup"
 
 
 def init_ray(address: str | None = None, *, log_to_driver: bool = True,
-             attempts: int = 3, backoff_s: float = 2.0) -> None:
+             attempts: int = 3, backoff_s: float = 2.0,
+             logging_level: int = logging.INFO) -> None:
     """``ray.init`` unless already initialised: join ``address``/``RAY_ADDRESS`` or start a
-    local node (dashboard off) with up to ``attempts`` tries on a start-up timeout."""
+    local node (dashboard off) with up to ``attempts`` tries on a start-up timeout.
+    ``logging_level``: Ray's own driver-side log level (WARNING: no "Started a local Ray
+    instance" line). Probe the address first (``hescape.endpoints.ray_address_problem``):
+    ``ray.init`` retries a dead address for minutes."""
     import ray
 
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging_level)
         return
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+            ray.init(include_dashboard=False, log_to_driver=log_to_driver,
+                     logging_level=logging_level)
             return
         except Exception as exc:  # Ray raises a bare Exception for this
             if STARTUP_TIMEOUT not in str(exc):

@@ -3,17 +3,26 @@
 The order (docs/ARCHITECTURE.md, "Layers"), lowest first:
 
     base < specs < config < data < metrics < preprocess < models < losses < train
-         < evaluate < study < cli
+         < evaluate < study < report < driver < cli
 
 ``specs`` are the light registries the config schema is generated from and validated
 against (preprocessing methods, gene encoders, projection heads, image presets, losses):
-they sit below ``config`` and never import torch. A module may import its own layer and
+they sit below ``config`` and never import torch. ``study`` is what trials and the Tune
+run are made of; ``report`` (``hescape.study.report``) reads a study's results and writes
+its report; ``driver`` (``hescape.study.driver``, ``hescape.study.api`` and the package
+``hescape.study``) runs a study and calls the report, so neither a trial nor the report can
+reach back into the driver. A module may import its own layer and
 the ones below. Checked two ways:
 
 - statically (AST, every module): every ``import`` of a hescape module, inside functions
   too (a lazy upward import is still an upward dependency), outside ``if TYPE_CHECKING:``;
   names taken from a package with lazy exports resolve to the submodule that defines them;
   plus no cycle among module-level imports;
+- statically, the imports that are not import statements: every ``Ref("hescape.x:attr")``
+  target and every ``importlib.import_module("hescape.x")`` (an f-string counts by its
+  constant prefix, ``f"hescape.cli.{group}"`` -> ``hescape.cli``) is held to the same order,
+  with one exception by design: a spec (the ``specs`` layer) may name, through ``Ref``, the
+  builder of its own package (``hescape.models.spec`` -> ``hescape.models.gene``);
 - at run time (subprocess, the light layers): every module of a layer imports with every
   higher layer blocked by a meta-path finder, and without torch / timm / scanpy / scvi.
 """
@@ -36,11 +45,11 @@ PACKAGE = ROOT / "hescape"
 # longer pattern beats a shorter one
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("hescape", "hescape.registry", "hescape.lazy", "hescape.atomic", "hescape.paths",
-              "hescape.tracking", "hescape.raystart")),
+              "hescape.tracking", "hescape.raystart", "hescape.endpoints")),
     ("specs", ("hescape.preprocess", "hescape.preprocess.spec", "hescape.preprocess.expression",
                "hescape.preprocess.methods.*", "hescape.models", "hescape.models.spec",
                "hescape.models.presets", "hescape.losses", "hescape.losses.spec")),
-    ("config", ("hescape.config",)),
+    ("config", ("hescape.config", "hescape.config_schema")),
     ("data", ("hescape.data.*",)),
     ("metrics", ("hescape.metrics.*",)),
     ("preprocess", ("hescape.preprocess.*",)),
@@ -49,6 +58,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("train", ("hescape.train.*",)),
     ("evaluate", ("hescape.evaluate.*",)),
     ("study", ("hescape.study.*",)),
+    ("report", ("hescape.study.report.*",)),
+    ("driver", ("hescape.study", "hescape.study.api", "hescape.study.driver")),
     ("cli", ("hescape.cli.*",)),
 )
 NAMES = [name for name, _ in LAYERS]
@@ -148,11 +159,58 @@ def imports_of(module: str, source: str) -> list[tuple[str, int, bool]]:
     return found
 
 
+def _constant_prefix(node: ast.AST) -> str | None:
+    """The string of a constant, or the constant head of an f-string."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        return str(node.values[0].value).rstrip(".")
+    return None
+
+
+def _resolve(name: str) -> str | None:
+    """The hescape module a dotted name (maybe ``module:attr``) lives in, or None."""
+    name = name.partition(":")[0]
+    while name and name.split(".")[0] == "hescape":
+        if name in modules():
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def dynamic_imports_of(source: str) -> list[tuple[str, int, str]]:
+    """``(target module, line, how)`` of every ``Ref("hescape...")`` and
+    ``importlib.import_module("hescape...")`` / ``import_module(...)`` call."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        func = node.func
+        name = getattr(func, "id", None) or getattr(func, "attr", None)
+        if name not in ("Ref", "import_module"):
+            continue
+        text = _constant_prefix(node.args[0])
+        target = _resolve(text) if text else None
+        if target is not None:
+            found.append((target, node.lineno, name))
+    return found
+
+
+def _spec_builder(module: str, target: str, how: str) -> bool:
+    """A light spec naming its own package's heavy builder through ``Ref`` (by design)."""
+    return (how == "Ref" and NAMES[layer_of(module)] == "specs"
+            and module.split(".")[:2] == target.split(".")[:2])
+
+
 def upward_imports(module: str, source: str) -> list[str]:
-    """Every import of ``module`` that reaches a higher layer, as readable lines."""
+    """Every import of ``module`` that reaches a higher layer, as readable lines (import
+    statements, ``Ref`` targets and ``importlib.import_module`` names alike)."""
     own = layer_of(module)
     lines = [f"{module}:{line} imports {target} ({NAMES[layer_of(target)]} > {NAMES[own]})"
              for target, line, _ in imports_of(module, source) if layer_of(target) > own]
+    lines += [f"{module}:{line} {how}s {target} ({NAMES[layer_of(target)]} > {NAMES[own]})"
+              for target, line, how in dynamic_imports_of(source)
+              if layer_of(target) > own and not _spec_builder(module, target, how)]
     return list(dict.fromkeys(lines))
 
 
@@ -208,6 +266,24 @@ def test_the_checks_catch_what_they_are_for():
     assert [p.split(" imports ")[1].split(" ")[0] for p in found] == [
         "hescape.models.two_tower", "hescape.evaluate.pipeline"]
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_ref_and_importlib_targets_are_held_to_the_layers():
+    """An upward reference through ``Ref(...)`` or ``importlib.import_module`` is flagged
+    (f-strings by their constant head); a spec's Ref to its own package's builder is not."""
+    src = ("import importlib\n"
+           "from hescape.lazy import Ref\n"
+           "BUILD = Ref('hescape.study.driver:run_study')\n"
+           "def f(group):\n"
+           "    importlib.import_module(f'hescape.cli.{group}')\n"
+           "    return importlib.import_module('hescape.train.runner')\n")
+    found = upward_imports("hescape.metrics.example", src)
+    assert [p.split(" ")[2] for p in found] == [
+        "hescape.study.driver", "hescape.cli", "hescape.train.runner"], found
+    own = "from hescape.lazy import Ref\nB = Ref('hescape.models.gene:build_mlp')\n"
+    assert upward_imports("hescape.models.spec", own) == []
+    other = "from hescape.lazy import Ref\nB = Ref('hescape.train.runner:fit')\n"
+    assert upward_imports("hescape.models.spec", other)
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 

@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hescape.cli.study import with_action
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(with_action(list(sys.argv[1:] if argv is None else argv)))
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError, PermissionError, OSError) as exc:

@@ -123,3 +123,71 @@ def leave_one_donor_out(donors: Iterable[str]) -> Iterator[tuple[list[str], str]
         raise DataError(f"leave-one-donor-out needs at least 2 donors, got {unique}")
     for held in unique:
         yield [d for d in unique if d != held], held
+
+
+def donor_folds(donors: Iterable[str], k: int, *, seed: int = 0,
+                labels: Mapping[str, str] | None = None) -> list[dict[str, list[str]]]:
+    """``k`` donor-level train/val/test splits in which every donor is a test donor once.
+
+    Donors are shuffled (``seed``) and dealt into ``k`` folds, class by class when donor
+    ``labels`` are given (e.g. mutation status: each fold then holds both classes where the
+    counts allow). Split ``i``: test = fold ``i``, val = fold ``i + 1`` (mod k), train = the
+    other ``k - 2`` folds. Needs k >= 3 and at least k donors.
+    """
+    names = sorted({str(d) for d in donors})
+    if k < 3:
+        raise DataError(f"eval.donor_folds={k}: donor cross-validation needs k >= 3 (a test, a "
+                        "validation and at least one training fold)")
+    if len(names) < k:
+        raise DataError(f"eval.donor_folds={k}: the data has {len(names)} donors, fewer than "
+                        f"the folds; use eval.donor_folds <= {len(names)}")
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(str((labels or {}).get(name, "")), []).append(name)
+    folds: list[list[str]] = [[] for _ in range(k)]
+    start = 0
+    for label in sorted(groups):
+        members = [groups[label][i] for i in rng.permutation(len(groups[label]))]
+        for j, name in enumerate(members):  # deal round-robin, continuing across classes
+            folds[(start + j) % k].append(name)
+        start = (start + len(members)) % k
+    out = []
+    for i in range(k):
+        val = (i + 1) % k
+        train = [d for j, f in enumerate(folds) if j not in (i, val) for d in f]
+        out.append({"train": sorted(train), "val": sorted(folds[val]), "test": sorted(folds[i])})
+    return out
+
+
+def donor_labels(obs, key: str | None) -> dict[str, str] | None:
+    """``{donor: label}`` of a donor-level obs column (None if unset, absent or not constant
+    within donors): what ``donor_folds`` stratifies on."""
+    if key is None or key not in obs.columns:
+        return None
+    pairs = obs[["donor", key]].dropna().astype(str).drop_duplicates()
+    if pairs["donor"].duplicated().any():
+        return None
+    return dict(zip(pairs["donor"], pairs[key]))
+
+
+def fold_split(paired, k: int, fold: int, *, seed: int = 0,
+               stratify: str | None = None) -> dict[str, list[str]]:
+    """Split ``fold`` of ``donor_folds`` over the donors of ``paired`` (a ``PairedData``)."""
+    donors = paired.adata.obs["donor"].astype(str).unique()
+    folds = donor_folds(donors, k, seed=seed, labels=donor_labels(paired.adata.obs, stratify))
+    return folds[fold]
+
+
+def with_fold(paired, cfg):
+    """``paired`` with its split replaced by ``cfg.data.fold`` of ``cfg.eval.donor_folds``
+    (seeded by ``data.split.seed``, stratified by the mutation column when donor-level);
+    ``paired`` itself when the config names no fold. The fingerprint stays: it is the
+    content's, and every cache keyed on a split also keys on the split itself."""
+    import dataclasses
+
+    if cfg.data.fold is None:
+        return paired
+    split = fold_split(paired, cfg.eval.donor_folds, cfg.data.fold, seed=cfg.data.split.seed,
+                       stratify=cfg.data.mutation_key)
+    return dataclasses.replace(paired, split=split)

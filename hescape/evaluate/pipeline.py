@@ -54,15 +54,16 @@ def joint_embedding(img: np.ndarray, gene: np.ndarray | None) -> np.ndarray:
 
 
 def feature_sets(data: EvalData) -> list[FeatureSet]:
-    """The trained embeddings, then (with ``eval.baselines``) the baselines."""
-    sets = [FeatureSet("img", data.img, False)]
+    """The trained embeddings (none in a baselines-only evaluation), then (with
+    ``eval.baselines``) the baselines."""
+    sets = [] if data.img is None else [FeatureSet("img", data.img, False)]
     if data.gene is not None:
         sets += [FeatureSet("gene", data.gene, True),
                  FeatureSet("joint", joint_embedding(data.img, data.gene), True)]  # fmt: skip
     if data.cfg.baselines:
         sets += [FeatureSet(f"baseline_{name}", np.asarray(x, np.float32), False)
                  for name, x in data.baselines.items()]  # fmt: skip
-        if data.expr_log is not None:
+        if data.expr_log is not None and data.pca_baseline:
             pca = pca_expression(data.expr_log, data.train_idx, seed=data.cfg.seed)
             sets.append(FeatureSet("baseline_pca", pca, True))
     return sets
@@ -113,26 +114,36 @@ def run_probes(data: EvalData, *, progress: bool = False) -> Collected:
         else:
             jobs += [(spec, fs) for fs in sets if spec.applies(data, from_expression=fs.from_expression)]
     out = Collected()
+    for spec in probe_specs():  # a role whose obs column is unset: say why the probe is absent
+        unset = [r for r in spec.obs if data.key_of(r) is None]
+        if unset:
+            out.notes[spec.name] = (f"skipped: no {'/'.join(unset)} column configured "
+                                    f"(data.{unset[0]}_key: null)")
     for spec, fs in tqdm(jobs, desc="evaluate", disable=not progress):
         _run(spec, fs, data, out)
     return out
 
 
 def evaluate_embeddings(
-    data: EvalData, *, out_dir: str | Path, split: str = "test", progress: bool = True
+    data: EvalData, *, out_dir: str | Path, split: str = "test", progress: bool = True,
+    embedding_plots: bool = True,
 ) -> tuple[dict[str, float], dict[str, Path]]:
     """Run every registered probe on ``data``; metrics named ``{split}/[{features}/]{name}``.
 
     Embeddings are L2-normalised first. Artifacts: ``embeddings`` (.h5ad of the test rows:
-    obsm img/gene/joint + obs), ``per_donor`` (.csv: metric, donor, value, n),
-    ``probe_notes`` (.json: why a figure is NaN or a probe was skipped), ``per_gene_pearson``
-    and ``comparison`` (.csv) and, with ``cfg.plots``, PNGs.
+    obsm img/gene/joint + obs; not in a baselines-only evaluation), ``per_donor`` (.csv:
+    metric, donor, value, n), ``probe_notes`` (.json: why a figure is NaN or a probe was
+    skipped), ``per_gene_pearson`` and ``comparison`` (.csv) and, with ``cfg.plots``, PNGs.
+    ``embedding_plots=False`` leaves out the 2-D layouts (UMAP) of the embeddings, the
+    costliest plots: a study draws them once, for its best trials, from ``embeddings.h5ad``
+    (``plot_embeddings``).
     """
+    img = None if data.img is None else l2_normalize(data.img)
     gene = None if data.gene is None else l2_normalize(data.gene)
-    data = replace(data, img=l2_normalize(data.img), gene=gene)
+    data = replace(data, img=img, gene=gene)
     collected = run_probes(data, progress=progress)
     metrics = {metric_key(split, *_split_prefix(k)): v for k, v in collected.metrics.items()}
-    arts = _artifacts(Path(out_dir), data, collected)
+    arts = _artifacts(Path(out_dir), data, collected, embedding_plots=embedding_plots)
     return metrics, arts
 
 
@@ -158,14 +169,18 @@ def write_embeddings(path: Path, obs: pd.DataFrame, **emb: np.ndarray | None) ->
     return path
 
 
-def _artifacts(out: Path, data: EvalData, got: Collected) -> dict[str, Path]:
+def _artifacts(out: Path, data: EvalData, got: Collected, *,
+               embedding_plots: bool = True) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     te = data.test_idx
-    embs = {"img": data.img, "gene": data.gene,
-            "joint": None if data.gene is None else joint_embedding(data.img, data.gene)}  # fmt: skip
-    arts = {"embeddings": write_embeddings(out / "embeddings.h5ad", data.obs.iloc[te],
-                                           **{k: None if v is None else v[te]
-                                              for k, v in embs.items()})}  # fmt: skip
+    arts: dict[str, Path] = {}
+    embs: dict[str, np.ndarray | None] = {}
+    if data.img is not None:
+        embs = {"img": data.img, "gene": data.gene,
+                "joint": None if data.gene is None else joint_embedding(data.img, data.gene)}
+        arts["embeddings"] = write_embeddings(out / "embeddings.h5ad", data.obs.iloc[te],
+                                              **{k: None if v is None else v[te]
+                                                 for k, v in embs.items()})  # fmt: skip
     per_donor = (pd.concat(got.per_donor, ignore_index=True)[PER_DONOR_COLUMNS] if got.per_donor
                  else pd.DataFrame(columns=PER_DONOR_COLUMNS))  # fmt: skip
     arts["per_donor"] = _write(out / "per_donor.csv", lambda p: per_donor.to_csv(p, index=False))
@@ -179,28 +194,41 @@ def _artifacts(out: Path, data: EvalData, got: Collected) -> dict[str, Path]:
     if len(comparison):
         arts["comparison"] = _write(out / "comparison.csv", lambda p: comparison.to_csv(p))
     if data.cfg.plots:
-        arts.update(_plots(out, embs, data, got, comparison))
+        if embedding_plots and embs:
+            arts.update(plot_embeddings(out, {k: None if v is None else v[te]
+                                              for k, v in embs.items()},
+                                        data.obs.iloc[te], cfg=data.cfg,
+                                        keys=["donor", data.batch_key, data.label_key]))
+        arts.update(_plots(out, data, got, comparison))
     return arts
 
 
-def _plots(out: Path, embs: dict, data: EvalData, got: Collected, comparison) -> dict[str, Path]:
-    te, seed = data.test_idx, data.cfg.seed
-    if len(te) > data.cfg.mixing_subsample:  # layouts of a seeded subsample keep UMAP cheap
-        rng = np.random.default_rng(seed)
-        te = np.sort(rng.choice(te, data.cfg.mixing_subsample, replace=False))
+def plot_embeddings(out: Path, embs: dict[str, np.ndarray | None], obs: pd.DataFrame, *,
+                    cfg, keys: list[str | None]) -> dict[str, Path]:
+    """2-D layouts (UMAP, else PCA) of held-out embeddings ``embs`` (rows of ``obs``),
+    coloured by each obs column in ``keys``; a seeded subsample of ``cfg.mixing_subsample``
+    rows keeps UMAP cheap. What ``evaluate_embeddings`` draws, and what a study draws for its
+    best trials from their ``embeddings.h5ad``."""
+    rows = np.arange(len(obs))
+    if len(rows) > cfg.mixing_subsample:
+        rng = np.random.default_rng(cfg.seed)
+        rows = np.sort(rng.choice(rows, cfg.mixing_subsample, replace=False))
     arts: dict[str, Path] = {}
     for name, emb in embs.items():
-        if emb is None or len(te) < 3:
+        if emb is None or len(rows) < 3:
             continue
-        xy, method = plots.embedding_2d(emb[te], seed=seed)
-        for key in dict.fromkeys(["donor", data.batch_key, data.label_key]):
-            values = data.column(key, te)
-            if values is not None:
-                path = out / f"{method.lower()}_{name}_by_{key}.png"
-                arts[path.stem] = plots.plot_embedding(
-                    xy, values, title=f"{name} embedding ({method}), by {key}", path=path,
-                    method=method,
-                )  # fmt: skip
+        xy, method = plots.embedding_2d(np.asarray(emb)[rows], seed=cfg.seed)
+        for key in dict.fromkeys(k for k in keys if k is not None and k in obs.columns):
+            path = out / f"{method.lower()}_{name}_by_{key}.png"
+            arts[path.stem] = plots.plot_embedding(
+                xy, obs[key].to_numpy()[rows], title=f"{name} embedding ({method}), by {key}",
+                path=path, method=method,
+            )  # fmt: skip
+    return arts
+
+
+def _plots(out: Path, data: EvalData, got: Collected, comparison) -> dict[str, Path]:
+    arts: dict[str, Path] = {}
     if got.ranks:
         arts["recall_curve"] = plots.plot_recall_curve(got.ranks, out / "recall_curve.png")
     for probe, title in (("hest", "HEST probe"), ("ridge_per_donor", "per-donor ridge probe")):

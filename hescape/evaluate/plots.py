@@ -11,6 +11,23 @@ import pandas as pd
 from hescape.atomic import atomic_path
 
 UMAP_MIN_N = 200  # below this UMAP is neither stable nor worth its start-up cost: PCA 2-D
+# umap-learn computes all pairwise distances below this many rows, through a Python call per
+# pair for its cosine (75% of a 2,000-row layout); the same matrix from one product instead
+UMAP_SMALL_DATA = 4096
+
+
+def cosine_distances(x: np.ndarray) -> np.ndarray:
+    """All-pairs cosine distance (float64, zero diagonal): what umap-learn's small-data path
+    computes for ``metric="cosine"``."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    unit = np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+    dist = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
+    zero = norm[:, 0] == 0
+    dist[zero[:, None] ^ zero[None, :]] = 1.0  # as umap-learn: a zero row is 1 from the rest
+    dist[zero[:, None] & zero[None, :]] = 0.0  # and 0 from another zero row
+    np.fill_diagonal(dist, 0.0)
+    return dist
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -40,6 +57,9 @@ def embedding_2d(emb: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, str]:
     if len(emb) >= UMAP_MIN_N:
         import umap
 
+        if len(emb) < UMAP_SMALL_DATA:  # umap's all-pairs path: hand it the distances
+            reducer = umap.UMAP(n_neighbors=15, metric="precomputed", random_state=seed)
+            return np.asarray(reducer.fit_transform(cosine_distances(emb))), "UMAP"
         reducer = umap.UMAP(n_neighbors=15, metric="cosine", random_state=seed)
         return np.asarray(reducer.fit_transform(emb)), "UMAP"
     from sklearn.decomposition import PCA

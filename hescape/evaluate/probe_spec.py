@@ -39,14 +39,15 @@ class EvalData:
     library-size-normalised log1p expression (N x G); ``counts``: raw counts (N x G, dense or
     scipy sparse; HEST targets are their log1p); both None for image-only data.
     ``baselines``: image-feature baselines ``{name: N x F}`` (``frozen`` = the image encoder
-    before contrastive training).
+    before contrastive training). ``img`` is None only in a baselines-only evaluation (the
+    study evaluates its baselines once, ``evaluate_baselines``).
     """
 
     obs: pd.DataFrame
     train_idx: np.ndarray
     test_idx: np.ndarray
     cfg: EvalConfig
-    img: np.ndarray
+    img: np.ndarray | None = None
     gene: np.ndarray | None = None
     expr_log: np.ndarray | None = None
     counts: Any = None
@@ -55,11 +56,15 @@ class EvalData:
     mutation_key: str | None = None
     batch_key: str = "donor"
     baselines: dict[str, np.ndarray] = field(default_factory=dict)
+    pca_baseline: bool = True  # with cfg.baselines and expression: the baseline_pca feature set
 
     def __post_init__(self) -> None:
-        n = len(self.img)
-        if len(self.obs) != n:
-            raise ValueError(f"obs has {len(self.obs)} rows but img has {n} (rows in obs order)")
+        n = len(self.obs)
+        if self.img is None and self.gene is not None:
+            raise ValueError("gene embedding without img: pass both towers (img is None only "
+                             "in a baselines-only evaluation)")
+        if self.img is not None and len(self.img) != n:
+            raise ValueError(f"obs has {n} rows but img has {len(self.img)} (rows in obs order)")
         self.obs = self.obs.reset_index(drop=True)
         self.train_idx = _as_index(self.train_idx, n, "train_idx")
         self.test_idx = _as_index(self.test_idx, n, "test_idx")
@@ -170,7 +175,8 @@ class ProbeSpec:
             return False
         if self.predicts_expression and from_expression:
             return False
-        if self.scope == "pair" and (data.gene is None or len(data.test_idx) < 2):
+        if self.scope == "pair" and (data.img is None or data.gene is None
+                                     or len(data.test_idx) < 2):
             return False
         return all(data.has(role) for role in self.obs)
 

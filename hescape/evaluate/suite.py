@@ -4,6 +4,8 @@ Feature-set probes take ``(feats, data)`` and run on every feature set (the trai
 embeddings and the baselines), so the model and its baselines share one protocol; pair
 probes take ``(data)`` and use both towers. To add a probe, add one decorated function here
 (``knn_label`` is the worked example). Registration happens on import (``probe_specs()``).
+Whole-set products (retrieval, BLEEP, kNN label) run on this process's GPU when it has one
+(``similarity.default_engine``), else in numpy.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hescape.evaluate.probe_spec import (  # noqa: F401 - PROBES re-exported, fi
     ProbeResult,
     register_probe,
 )
+from hescape.evaluate.similarity import default_engine
 from hescape.metrics.hest import HestUnavailable, hest_probe
 from hescape.metrics.mixing import MIXING_KEYS, mixing_metrics
 from hescape.metrics.mutation import mutation_probe
@@ -53,12 +56,12 @@ KNN_K = 15  # neighbours of the kNN label probe
 )  # fmt: skip
 def retrieval(data: EvalData) -> ProbeResult:
     """Whole-held-out-set, within-donor and in-batch retrieval; per-donor whole-set recalls."""
-    te, cfg = data.test_idx, data.cfg
-    ranks = retrieval_ranks(data.img[te], data.gene[te], cfg.block_size)
+    te, cfg, engine = data.test_idx, data.cfg, default_engine()
+    ranks = retrieval_ranks(data.img[te], data.gene[te], cfg.block_size, engine=engine)
     m = cross_modal_retrieval(data.img[te], data.gene[te], donors=data.donors(te), ks=cfg.ks,
                               block_size=cfg.block_size, inbatch_size=cfg.inbatch_size,
                               inbatch_repeats=cfg.inbatch_repeats, seed=cfg.seed,
-                              precomputed_ranks=ranks)  # fmt: skip
+                              precomputed_ranks=ranks, engine=engine)  # fmt: skip
     per = pd.DataFrame(recall_by_donor(ranks, data.donors(te), cfg.ks), columns=PER_DONOR_COLUMNS)
     return ProbeResult(metrics=m, per_donor=per, ranks=ranks)
 
@@ -95,7 +98,7 @@ def bleep(data: EvalData) -> ProbeResult:
     m, table = retrieval_expression_probe(
         data.gene[tr], data.expr_log[tr], data.img[te], data.expr_log[te],
         test_donors=data.donors(te), gene_names=data.gene_names, k=cfg.bleep_k,
-        n_top=cfg.probe_top_genes, block_size=cfg.block_size,
+        n_top=cfg.probe_top_genes, block_size=cfg.block_size, engine=default_engine(),
     )  # fmt: skip
     per = per_donor_means(table, "bleep_pearson_mean")
     return ProbeResult(metrics=m, per_donor=per, tables={"per_gene": table})
@@ -183,7 +186,8 @@ def knn_label(feats: np.ndarray, data: EvalData) -> ProbeResult:
     if not ok_tr.any() or not ok_te.any():
         raise ValueError("knn_label: no labelled training or held-out rows")
     classes, codes = np.unique(y_tr[ok_tr].astype(str), return_inverse=True)
-    idx, _ = topk_blocked(feats[te][ok_te], feats[tr][ok_tr], KNN_K, data.cfg.block_size)
+    idx, _ = topk_blocked(feats[te][ok_te], feats[tr][ok_tr], KNN_K, data.cfg.block_size,
+                          engine=default_engine())
     votes, k = codes[idx], idx.shape[1]
     score = np.zeros((len(idx), len(classes)))
     for j in range(k):  # one vote each, plus a tie-break below one vote: earlier = closer
@@ -222,8 +226,7 @@ def mutation(feats: np.ndarray, data: EvalData) -> ProbeResult:
         labels=data.column(data.mutation_key, rows), donors=data.donors(rows),
         encoder_donors=np.unique(data.donors(data.train_idx)).astype(str),
         cv_folds=cfg.mutation_cv_folds, min_donors_per_class=cfg.mutation_min_donors_per_class,
-        n_permutations=cfg.mutation_permutations, n_bootstrap=cfg.mutation_bootstrap,
-        seed=cfg.seed,
+        n_permutations=cfg.mutation_permutations, seed=cfg.seed,
     )  # fmt: skip
     return ProbeResult(metrics=m, note=note)
 

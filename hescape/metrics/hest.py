@@ -1,19 +1,33 @@
 """HEST-Benchmark's expression probe, exactly: the one figure here named after HEST.
 
-Checked against mahmoodlab/HEST (``src/hest/bench/benchmark.py::predict_single_split``,
-``src/hest/bench/trainer.py::train_test_reg``, ``src/hest/bench/st_dataset.py::load_adata``
-and ``bench_config/bench_config.yaml``, which sets ``dimreduce: "PCA"``):
+Checked against mahmoodlab/HEST (``src/hest/bench/benchmark.py::predict_single_split`` and
+``BenchmarkConfig``, ``src/hest/bench/trainer.py::train_test_reg``,
+``src/hest/bench/st_dataset.py::load_adata``). The PCA step comes from ``BenchmarkConfig``'s
+defaults (``dimreduce="PCA"``, ``latent_dim=256``); ``bench_config/bench_config.yaml`` does
+not set it (its ``dimreduce`` line is commented out).
 
 - features: ``Pipeline([StandardScaler(), PCA(n_components=256, random_state=seed)])`` fit on
-  the training split, applied to the test split, then cast to float32 (HEST wraps the
-  output in ``torch.Tensor``);
-- targets: ``log1p`` of the raw counts of the selected genes (``normalize_adata`` only calls
-  ``sc.pp.log1p``: no library-size normalisation, despite its docstring);
+  the training split (in the features' own dtype), applied to the test split; HEST wraps the
+  output in ``torch.Tensor``, which rounds it to float32;
+- targets: ``log1p`` of the raw counts of the selected genes in float64 (``normalize_adata``
+  casts to float64 and only calls ``sc.pp.log1p``: no library-size normalisation, despite
+  its docstring);
 - ``Ridge(solver="lsqr", alpha=100 / (256 * n_genes), fit_intercept=False, max_iter=1000,
-  random_state=seed)``;
+  random_state=seed)`` fit in FLOAT64: sklearn's ``check_array`` sees no numpy dtype on a
+  ``torch.Tensor`` (``torch.float32`` has no ``.kind``), so Ridge's
+  ``dtype=[float64, float32]`` converts it to float64 (checked with sklearn 1.9, torch 2.14;
+  a float32 *numpy* array would stay float32 and lsqr would run in float32, 1e-4 to 4e-4
+  away in per-gene Pearson). Prediction multiplies the float32 test features by the float64
+  coefficients, i.e. in float64. Here: the PCA output is rounded to float32 and cast back
+  to float64 before the ridge, which is the same arithmetic;
 - Pearson r per gene (``scipy.stats.pearsonr``) on the CONCATENATED test split, then the
   mean (``pearson_mean``) and standard deviation (``pearson_std``) over genes; a gene
   constant on the test split gives NaN there and so a NaN mean, as in HEST.
+
+``seed`` is HEST's ``--seed`` (``BenchmarkConfig.seed`` defaults to 1; the evaluation passes
+``eval.seed``): it seeds PCA, and where sklearn's ``svd_solver="auto"`` picks the
+randomized solver (more than 1000 feature dims or fewer than 10 training rows per dim, and
+both dims and rows above 320) the seed moves the figure by ~1e-4 (docs/measurements.md).
 
 HEST ships a fixed list of the 50 most variable genes per task (``var_50genes.json``); here
 the genes are the ``n_top`` with the highest variance of ``log1p`` counts over the TRAINING
@@ -84,6 +98,12 @@ def hest_genes(train_counts: Any, n_top: int) -> np.ndarray:
     return np.sort(order[: min(n_top, var.size)])
 
 
+def to_hest_tensor_values(x: np.ndarray) -> np.ndarray:
+    """What sklearn's Ridge computes with after HEST's ``torch.Tensor(x)``: ``x`` rounded to
+    float32, held as float64 (module docstring)."""
+    return np.asarray(x, dtype=np.float32).astype(np.float64)
+
+
 def hest_predict(
     train_feats: np.ndarray, train_y: np.ndarray, test_feats: np.ndarray, *, seed: int = 0
 ) -> np.ndarray:
@@ -91,8 +111,9 @@ def hest_predict(
     check_hest_inputs(len(train_feats), np.shape(train_feats)[1])
     pipe = Pipeline([("scaler", StandardScaler()),
                      ("PCA", PCA(n_components=HEST_PCA_DIM, random_state=seed))])  # fmt: skip
-    x_train = np.asarray(pipe.fit_transform(train_feats), dtype=np.float32)
-    x_test = np.asarray(pipe.transform(test_feats), dtype=np.float32)
+    # torch.Tensor(...) in HEST: float32 rounding; Ridge then converts the tensor to float64
+    x_train = to_hest_tensor_values(pipe.fit_transform(train_feats))
+    x_test = to_hest_tensor_values(pipe.transform(test_feats))
     alpha = HEST_ALPHA_NUMERATOR / (x_train.shape[1] * train_y.shape[1])
     reg = Ridge(solver="lsqr", alpha=alpha, random_state=seed, fit_intercept=False,
                 max_iter=HEST_MAX_ITER)  # fmt: skip

@@ -61,6 +61,7 @@ from sklearn.metrics import (
     silhouette_samples,
     silhouette_score,
 )
+from threadpoolctl import threadpool_limits
 
 from hescape.metrics.kbet import kbet_acceptance, kbet_per_label, knn_with_self
 
@@ -104,8 +105,11 @@ def mixing_metrics(
     out: dict[str, float] = {"n_batches": float(b_codes.max() + 1)}
     if y is not None:
         out["n_labels"] = float(len(np.unique(y)))
-    figures = _scib_figures if backend == "scib" else _own_figures
-    out.update(figures(x, b_codes, y, seed=seed))
+    if backend == "scib":
+        out.update(_scib_figures(x, b_codes, y, seed=seed))
+    else:  # small products (<= subsample rows): BLAS threads only wait on each other here
+        with threadpool_limits(limits=1):
+            out.update(_own_figures(x, b_codes, y, seed=seed))
     out["subsample_n"] = float(len(idx))
     out["subsample_seed"] = float(seed)
     out["knn_capped"] = float(len(x) < NEIGHBOURS["lisi"])

@@ -20,9 +20,10 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from hescape.metrics.pearson import pearson_by_donor
-from hescape.metrics.retrieval import topk_blocked
+from hescape.metrics.retrieval import SimilarityEngine, topk_blocked
 
 
 # ----------------------------------------------------------------------- expression
@@ -84,13 +85,15 @@ def retrieval_expression_probe(
     k: int = 10,
     n_top: int = 50,
     block_size: int = 1024,
+    engine: SimilarityEngine | None = None,
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """BLEEP-style probe: predict a test spot as the mean expression of its top-``k``
-    training spots, retrieved image -> gene embedding (cross-modal). Metrics ``bleep_*``."""
+    training spots, retrieved image -> gene embedding (cross-modal). Metrics ``bleep_*``;
+    ``engine``: where the retrieval's products run (``retrieval.topk_blocked``)."""
     _check_expr(train_gene_emb, train_expr, gene_names, "train")
     _check_expr(test_img_emb, test_expr, gene_names, "test")
     genes = top_variable_genes(train_expr, n_top)
-    idx, _ = topk_blocked(test_img_emb, train_gene_emb, k, block_size)
+    idx, _ = topk_blocked(test_img_emb, train_gene_emb, k, block_size, engine=engine)
     pred = train_expr[:, genes][idx].mean(axis=1)
     names = [str(gene_names[g]) for g in genes]
     metrics, table = pearson_by_donor(pred, test_expr[:, genes], test_donors, names, "bleep")
@@ -117,6 +120,12 @@ def label_probe(
 
     Returns ``label_balanced_accuracy``, ``label_macro_f1``, ``label_n_classes`` and
     ``label_n_test``. Rows with a missing label are dropped.
+
+    The fit runs on single-threaded BLAS: L-BFGS makes hundreds of skinny products
+    (N x D by D x classes) where BLAS threads only wait on each other (7-60x slower with 2
+    threads on 2 shared cores, ``benchmarks/eval_profile.py``), and the figure no longer
+    depends on the machine's core count (L-BFGS stops at a tolerance, so another summation
+    order stops it elsewhere: 1e-4 to 1e-3 balanced accuracy between 1 and 2 threads).
     """
     tr, te = present(train_labels), present(test_labels)
     y_tr = np.asarray(train_labels, dtype=object)[tr].astype(str)
@@ -126,8 +135,9 @@ def label_probe(
     if y_te.size == 0:
         raise ValueError("label_probe: no labelled test rows")
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
-    model.fit(np.asarray(train_emb)[tr], y_tr)
-    pred = model.predict(np.asarray(test_emb)[te])
+    with threadpool_limits(limits=1, user_api="blas"):  # see the docstring
+        model.fit(np.asarray(train_emb)[tr], y_tr)
+        pred = model.predict(np.asarray(test_emb)[te])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # test split may lack some classes
         bacc = balanced_accuracy_score(y_te, pred)

@@ -30,7 +30,8 @@ def measure_variant(
 
     Rows with a missing label or one in ``ignore_labels`` (e.g. "NA", "unassigned") are left
     out; ``rows`` restricts to a subset (e.g. held-out donors). Outputs wider than 50
-    features are reduced to 50 PCs first, so genes and latents are compared alike.
+    features are reduced to 50 PCs first (fewer when fewer rows are measured: at most
+    rows - 1), so genes and latents are compared alike.
     ``pre/n_batches`` is the number of batches among the measured rows.
     """
     from hescape.metrics.mixing import mixing_metrics
@@ -48,10 +49,15 @@ def measure_variant(
         keep &= col.notna().to_numpy() & ~col.astype(str).isin(list(ignore_labels)).to_numpy()
         labels = col.astype(str).to_numpy()[keep]
     x = prepared.X[keep]
-    if x.shape[1] > MEASURE_DIMS:
+    if len(x) < 2:
+        raise ValueError(f"measure_variant: {len(x)} row(s) to measure (rows with a label, in "
+                         "the measured part); mixing needs at least 2")
+    # at most min(rows, features) PCs exist: a small held-out part (22 spots) gets fewer
+    dims = min(MEASURE_DIMS, x.shape[0] - 1, x.shape[1])
+    if x.shape[1] > dims:
         from sklearn.decomposition import PCA
 
-        x = PCA(n_components=MEASURE_DIMS, random_state=seed).fit_transform(x)
+        x = PCA(n_components=dims, random_state=seed).fit_transform(x)
     metrics = mixing_metrics(x, batches[keep], labels, subsample=subsample, seed=seed)
     metrics["dims"] = float(x.shape[1])
     metrics.setdefault("n_batches", float(len(np.unique(batches[keep]))))

@@ -2,7 +2,8 @@
 one concise console line per trial event.
 
 A trial closes its own run when it finishes or raises. It cannot say why when it is stopped
-from outside: ASHA stops it, its worker process dies, or Ray kills its actor. ``MlflowCloser``
+from outside: the early-stopping scheduler (ASHA or MO-ASHA) stops it, its worker process
+dies, or Ray kills its actor. ``MlflowCloser``
 runs in the driver and records that (KILLED or FAILED, with the reason), so the dashboard
 never shows a trial RUNNING forever. ``ConsoleProgress`` replaces Tune's status tables
 (``--verbose`` brings them back) with lines such as::
@@ -10,6 +11,8 @@ never shows a trial RUNNING forever. ``ConsoleProgress`` replaces Tune's status 
     [search 3/12 1a2b3c4d] started: loss.name=clip train.lr=0.00201
     [search 3/12 1a2b3c4d] step 50: val/r5_img2gene 0.0812
     [search 3/12 1a2b3c4d] stopped by ASHA at step 50: val/r5_img2gene 0.0812
+
+Both name the scheduler actually in use (``scheduler_name``: ASHA, MO-ASHA).
 """
 
 from __future__ import annotations
@@ -22,12 +25,21 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from hescape.study import lineage
-from hescape.study.reporting import FINAL, REPORT_KIND, RESUMED, TIME_ATTR, TRAIN
+from hescape.study.tune_reports import FINAL, REPORT_KIND, RESUMED, TIME_ATTR, TRAIN
 
 # Set by the driver's SIGINT/SIGTERM handler before it raises KeyboardInterrupt. The raise
 # can land inside a finaliser (e.g. a Ray ObjectRef's __dealloc__ in Tune's loop), where
 # Python prints "Exception ignored" and carries on; ``Interrupted`` raises it again.
 INTERRUPTED = threading.Event()
+
+SCHEDULER_NAMES = {"asha": "ASHA", "moasha": "MO-ASHA"}
+
+
+def scheduler_name(scheduler: str | None) -> str:
+    """How messages name ``sweep.scheduler`` (``asha`` -> ASHA, ``moasha`` -> MO-ASHA)."""
+    if not scheduler or scheduler == "none":
+        return "the scheduler"
+    return SCHEDULER_NAMES.get(scheduler, scheduler)
 
 
 class Interrupted(Callback):
@@ -39,14 +51,17 @@ class Interrupted(Callback):
 
 
 def stopped_by_scheduler(trial: Any) -> bool:
-    """True when Tune ended ``trial`` on a training report (ASHA), not on its final one."""
+    """True when Tune ended ``trial`` on a training report (the early-stopping scheduler:
+    ASHA or MO-ASHA), not on its final one."""
     last = getattr(trial, "last_result", None) or {}
     return bool(last) and last.get(REPORT_KIND) in (TRAIN, RESUMED)
 
 
 class MlflowCloser(Callback):
-    def __init__(self, ref: lineage.LineageRef) -> None:
+    def __init__(self, ref: lineage.LineageRef, scheduler: str = "asha") -> None:
+        """``scheduler``: ``sweep.scheduler`` (named in the KILLED reason)."""
         self.ref = ref
+        self.scheduler = scheduler
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if not stopped_by_scheduler(trial):
@@ -55,7 +70,11 @@ class MlflowCloser(Callback):
         if run is not None and run.info.status != "FINISHED":
             step = int(trial.last_result.get(TIME_ATTR, 0))
             lineage.finish_run(self.ref, run.info.run_id, "KILLED",
-                               error=f"stopped early by the scheduler (ASHA) at step {step}")
+                               error=f"stopped early by the scheduler ({self._name()}) "
+                                     f"at step {step}")
+
+    def _name(self) -> str:
+        return scheduler_name(getattr(self, "scheduler", "asha"))  # older pickles: ASHA
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         reason = getattr(trial, "error_file", None) or "trial raised; see the Tune error file"
@@ -69,12 +88,22 @@ class ConsoleProgress(Callback):
     """One line per trial event: started, evaluation step, finished, stopped, failed."""
 
     def __init__(self, phase: str, metrics: list[str], total: int | None = None,
-                 out: TextIO | None = None) -> None:
+                 out: TextIO | None = None, *, first_tag: int = 1,
+                 scheduler: str = "asha") -> None:
+        """``total``: the trials the phase runs (``tuner.expected_trials``); ``first_tag``:
+        the number Tune gives the phase's first trial (0 for a grid, whose variant generator
+        counts from 0; 1 for a searcher), so lines read 1/N .. N/N either way (stable across
+        a resume: the number comes from the trial's own tag); ``scheduler``:
+        ``sweep.scheduler``, named when it stops a trial."""
         self.phase, self.metrics, self.total, self.out = phase, list(metrics), total, out
+        self.first_tag = first_tag
+        self.scheduler = scheduler
 
     def _line(self, trial: Any, text: str) -> None:
-        number = str(getattr(trial, "experiment_tag", "") or "").split("_")[0]
-        where = f"{number}/{self.total} " if number.isdigit() and self.total else ""
+        tag = str(getattr(trial, "experiment_tag", "") or "").split("_")[0]
+        first = getattr(self, "first_tag", 1)  # a callback restored from an older pickle
+        number = int(tag) - first + 1 if tag.isdigit() else None
+        where = f"{number}/{self.total} " if number is not None and self.total else ""
         print(f"[{self.phase} {where}{trial.trial_id}] {text}", file=self.out or sys.stdout,
               flush=True)
 
@@ -99,7 +128,8 @@ class ConsoleProgress(Callback):
         last = trial.last_result or {}
         step = int(last.get(TIME_ATTR, 0))
         if stopped_by_scheduler(trial):
-            self._line(trial, f"stopped by ASHA at step {step}: {self._values(last)}")
+            name = scheduler_name(getattr(self, "scheduler", "asha"))  # older pickles: ASHA
+            self._line(trial, f"stopped by {name} at step {step}: {self._values(last)}")
         elif last.get(REPORT_KIND) == FINAL:
             tests = tuple("test/" + m.split("/", 1)[1] for m in self.metrics if "/" in m)
             self._line(trial, f"finished at step {step}: {self._values(last, tests)}")

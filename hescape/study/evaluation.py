@@ -8,20 +8,27 @@ from typing import Any
 from hescape.config import StudyConfig
 
 
-def evaluate_trial(cfg: StudyConfig, fitted: Any, *, out_dir: Path) -> tuple[dict, dict]:
+def evaluate_trial(cfg: StudyConfig, fitted: Any, *, out_dir: Path, paired: Any,
+                   prepared: Any = None, features: str | None = None,
+                   baselines: bool = True) -> tuple[dict, dict]:
     """``test/...`` metrics and artifact paths of the trial's best checkpoint.
 
-    The same function as ``hescape evaluate``: embeddings of train + test donors from the
-    best checkpoint, whole-set retrieval, probes, mixing metrics and baselines.
+    The same evaluation as ``hescape evaluate`` (``evaluate_trained``): embeddings of train +
+    test donors from the best checkpoint (a ``TrainedModel``), on the trial's already loaded
+    dataset and inputs, whole-set retrieval, probes and mixing metrics. ``baselines=False``
+    when the study evaluates them once (``hescape.study.baselines``); the embeddings' UMAPs
+    are drawn by the study report for its best trials, not here.
     """
-    from hescape.evaluate.checkpoint_eval import evaluate_checkpoint
+    from hescape.evaluate.checkpoint_eval import evaluate_trained
     from hescape.train.device import resolve_device
+    from hescape.train.trained import TrainedModel
 
     if fitted.best_checkpoint is None:
         raise RuntimeError("training produced no checkpoint to evaluate (max_steps < eval_every?)")
-    device = str(resolve_device(cfg.train.use_gpu))
-    return evaluate_checkpoint(
-        fitted.best_checkpoint, cfg.data.path, out_dir=out_dir,
+    trained = TrainedModel.load(fitted.best_checkpoint)
+    return evaluate_trained(
+        trained, paired, out_dir=out_dir, prepared=prepared, features=features,
         label_key=cfg.data.label_key, mutation_key=cfg.data.mutation_key,
-        device=device, progress=False,
+        baselines=baselines, embedding_plots=False,
+        device=str(resolve_device(cfg.train.use_gpu)), progress=False,
     )

@@ -80,11 +80,57 @@ def packing_problem(cfg: StudyConfig) -> str | None:
     return None
 
 
+def stacking_problem(cfg: StudyConfig) -> str | None:
+    """Why trials of ``cfg`` may not train in stacks (``train.stack_size`` > 1), or None:
+    every trial the sweep can make must be head-only (the packing rules) with one worker,
+    and on a GPU say its share (``gpus_per_trial``)."""
+    from hescape.train.stack_key import (
+        STACKABLE_GENE_ENCODERS,
+        STACKABLE_LOSSES,
+        STACKABLE_PROJECTIONS,
+    )
+
+    t, k = cfg.train, cfg.train.stack_size
+    if t.num_workers != 1:
+        return (f"train.stack_size={k} stacks one-worker head-only trials; set "
+                f"train.num_workers: 1 (have {t.num_workers}) or train.stack_size: 1")
+    if t.use_gpu and t.gpus_per_trial is None:
+        return (f"train.stack_size={k} on a GPU: set train.gpus_per_trial (the GPU share a "
+                "stack of stack_size trials uses, e.g. 1.0) or train.stack_size: 1")
+    rules = {**PACKING_RULES,
+             "model.gene.name": (lambda v: v in STACKABLE_GENE_ENCODERS,
+                                 f"only {sorted(STACKABLE_GENE_ENCODERS)} stack"),
+             "model.projection": (lambda v: v in STACKABLE_PROJECTIONS,
+                                  f"only {sorted(STACKABLE_PROJECTIONS)} stack"),
+             "loss.name": (lambda v: v in STACKABLE_LOSSES, f"only {sorted(STACKABLE_LOSSES)} stack")}
+    for key, (ok, why) in rules.items():
+        values = _values(cfg, key)
+        if values is None:
+            return (f"train.stack_size={k}: the sweep samples {key} from a range; list its "
+                    "values (type: choice)")
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            return (f"train.stack_size={k} stacks head-only trials, but {key} can be "
+                    f"{bad[0]!r}: {why}. Set train.stack_size: 1 for this study")
+    return None
+
+
 def trial_resources(cfg: StudyConfig) -> TrialResources:
-    """What one trial of ``cfg`` reserves (a ConfigError if GPU packing is not allowed)."""
+    """What one trial of ``cfg`` reserves (a ConfigError if GPU packing or stacking is not
+    allowed). A stacked trial reserves 1/stack_size of a worker: the stack service that
+    trains its member runs on those shares (``hescape.study.stacking``)."""
     from hescape.train import runs_in_process  # the rule fit() itself follows
 
     t = cfg.train
+    if t.stack_size > 1:
+        problem = stacking_problem(cfg)
+        if problem:
+            raise ConfigError(problem)
+        share = {"CPU": t.cpus_per_worker / t.stack_size}
+        gpu = (t.gpus_per_trial or 0.0) / t.stack_size if t.use_gpu else 0.0
+        if gpu:
+            share["GPU"] = gpu
+        return TrialResources(share, 1, share["CPU"], gpu, True)
     if t.gpus_per_trial is not None:
         problem = packing_problem(cfg)
         if problem:

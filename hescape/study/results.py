@@ -12,9 +12,23 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from hescape.study import lineage
-from hescape.study.effects import check_per_donor
 
 PER_DONOR = "eval/per_donor.csv"  # under the trial directory and the child run's artifacts
+PER_DONOR_COLUMNS = ("metric", "donor", "value", "n")
+
+
+def check_per_donor(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """The per-donor table with typed columns; ValueError naming ``source`` if malformed."""
+    missing = [c for c in PER_DONOR_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{source}: per-donor table lacks columns {missing}; expected "
+                         f"{list(PER_DONOR_COLUMNS)} (one row per metric and held-out donor)")
+    out = frame.loc[:, list(PER_DONOR_COLUMNS)].copy()
+    out["metric"] = out["metric"].astype(str).str.replace(r"^(test|val)/", "", regex=True)
+    out["donor"] = out["donor"].astype(str)
+    out["value"] = pd.to_numeric(out["value"], errors="coerce")
+    out["n"] = pd.to_numeric(out["n"], errors="coerce")
+    return out
 
 
 def trial_table(ref: lineage.LineageRef, *, phase: str | None = None) -> list[dict[str, Any]]:
@@ -39,6 +53,9 @@ def trial_table(ref: lineage.LineageRef, *, phase: str | None = None) -> list[di
                 "preprocess_converged": tags.get("hescape.preprocess_converged", ""),
                 "preprocess_info": _json(tags.get("hescape.preprocess_info")),
                 "split": parse_split(tags.get("hescape.split", "")),
+                "baseline_key": tags.get("hescape.baseline_key", ""),
+                "baseline_pca_key": tags.get("hescape.baseline_pca_key", ""),
+                "fold": tags.get("hescape.fold", "none"),
                 "error": tags.get("hescape.error", ""),
                 "sweep_params": sweep,
                 "params": dict(run.data.params),

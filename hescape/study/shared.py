@@ -44,29 +44,82 @@ def ensure_dataset(cfg: StudyConfig, *, progress: bool = True) -> Path:
     return resolve_dataset(cfg, progress=progress)
 
 
+def study_folds(cfg: StudyConfig) -> list[int | None]:
+    """The splits the study's trials use: None = the dataset's own split (the search of a
+    tpe/random study, or a grid without donor folds), then each donor fold (with
+    ``eval.donor_folds``: the confirm phase, or every grid point)."""
+    k = cfg.eval.donor_folds
+    folds: list[int | None] = list(range(k)) if k else []
+    grid_on_folds = bool(k) and cfg.sweep is not None and cfg.sweep.searcher == "grid"
+    return folds if grid_on_folds else [None, *folds]
+
+
+def fold_config(cfg: StudyConfig, fold: int | None) -> StudyConfig:
+    """``cfg`` on donor fold ``fold`` (None: the dataset's split)."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"fold": fold})})
+
+
 def precompute(cfg: StudyConfig, paired: Any, *, progress: bool = True) -> dict[str, Any]:
-    """Compute every enumerable preprocessing variant and frozen feature set once."""
+    """Compute every enumerable preprocessing variant (on every split the study uses: the
+    dataset's and each donor fold's) and frozen feature set once."""
+    from hescape.data.splits import with_fold
+
     base = cfg.model_dump()
     cache = paths.cache_dir(cfg.storage_dir)
     out: dict[str, Any] = {"variants": [], "features": []}
     variants = enumerate_sections(cfg.sweep, base, "preprocess.expression")
-    for section in variants or []:
-        maybe_kill_driver("precompute", step=len(out["variants"]))  # tests only
-        out["variants"].append(_variant(cfg, base, section, paired, cache, progress))
+    for fold in study_folds(cfg):
+        on_fold = with_fold(paired, fold_config(cfg, fold))
+        for section in variants or []:
+            maybe_kill_driver("precompute", step=len(out["variants"]))  # tests only
+            entry = _variant(cfg, base, section, on_fold, cache, progress)
+            out["variants"].append({**entry, "fold": fold})
     images = enumerate_sections(cfg.sweep, base, "model.image") or []
     stain_swept = cfg.sweep is not None and any(
         k.startswith("preprocess.image") for k in cfg.sweep.params)
     if stain_swept or cfg.preprocess.image.stain_norm != "none":
         images = []  # stain-normalised features need the fitted normaliser: built in the trial
     for section in images:
-        from hescape.train.features import use_feature_cache
+        from hescape.train.features import feature_lookup_key, use_feature_cache
 
         icfg = StudyConfig.model_validate({**base, "model": {**base["model"], "image": section}})
         if not use_feature_cache(icfg):
             continue
         path = _frozen_features(icfg, paired, progress=progress)
-        out["features"].append({"encoder": section["name"], "path": str(path)})
+        out["features"].append({"encoder": section["name"], "path": str(path),
+                                "lookup": feature_lookup_key(icfg)})
     return out
+
+
+def image_configs(cfg: StudyConfig) -> list[StudyConfig]:
+    """One config per image setting (image-encoder section x image preprocessing) the sweep
+    can produce, the base config's first; just the base config when a setting is continuous
+    (the others are found from the finished trials before the report)."""
+    base = cfg.model_dump()
+    images = enumerate_sections(cfg.sweep, base, "model.image")
+    stains = enumerate_sections(cfg.sweep, base, "preprocess.image")
+    if images is None or stains is None:
+        return [cfg]
+    out = [cfg]
+    for image in images:
+        for stain in stains:
+            out.append(StudyConfig.model_validate(
+                {**base, "model": {**base["model"], "image": image},
+                 "preprocess": {**base["preprocess"], "image": stain}}))
+    return out
+
+
+def prepared_paths(cfg: StudyConfig, shared_work: dict[str, Any]) -> dict[str, str]:
+    """``{variant cache key: entry path}`` of the precomputed preprocessing variants."""
+    from hescape.train.inputs import entry_path
+
+    return {v["cache_key"]: str(entry_path(cfg, v["method"], v["cache_key"]))
+            for v in shared_work["variants"]}
+
+
+def feature_paths(shared_work: dict[str, Any]) -> dict[str, str]:
+    """``{feature_lookup_key: cache path}`` of the precomputed frozen features."""
+    return {f["lookup"]: f["path"] for f in shared_work["features"] if "lookup" in f}
 
 
 MEASURED_PART = "test"  # the donors the trials' test/ mixing metrics are computed on

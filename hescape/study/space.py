@@ -30,6 +30,7 @@ from hescape.config import (
 )
 
 SEED_KEY = "train.seed"
+FOLD_KEY = "data.fold"  # a donor fold: like the seed, a replicate of one configuration
 PAIR_PREFIXES = ("preprocess.expression.", "model.gene.")
 
 
@@ -136,9 +137,16 @@ def with_seeds(points: list[dict[str, Any]], n_seeds: int, base_seed: int) -> li
     return [{**p, SEED_KEY: base_seed + i} for p in points for i in range(n_seeds)]
 
 
+def with_folds(points: list[dict[str, Any]], k: int | None) -> list[dict[str, Any]]:
+    """Repeat each point on donor folds 0..k-1 (``data.fold``); unchanged when k is None."""
+    if not k:
+        return points
+    return [{**p, FOLD_KEY: f} for p in points for f in range(k)]
+
+
 def config_id(params: dict[str, Any]) -> str:
-    """A stable, human-readable id of a configuration without its seed."""
-    items = sorted((k, v) for k, v in params.items() if k != SEED_KEY)
+    """A stable, human-readable id of a configuration without its seed and donor fold."""
+    items = sorted((k, v) for k, v in params.items() if k not in (SEED_KEY, FOLD_KEY))
     return ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in items) or "base"
 
 
@@ -273,8 +281,9 @@ def count_trials(cfg: StudyConfig) -> int:
     """How many trials the search phase will run (before any seed repeats)."""
     if cfg.sweep is None:
         return 1
-    if cfg.sweep.searcher == "grid":
-        return len(grid_points(cfg.sweep, cfg.model_dump())) * cfg.sweep.seeds
+    if cfg.sweep.searcher == "grid":  # a grid runs every point on each donor fold
+        return (len(grid_points(cfg.sweep, cfg.model_dump())) * cfg.sweep.seeds
+                * (cfg.eval.donor_folds or 1))
     return cfg.sweep.num_samples
 
 
@@ -299,6 +308,7 @@ def enumerate_sections(
 
 
 __all__ = [
+    "FOLD_KEY",
     "SEED_KEY",
     "SpaceWarning",
     "apply_params",
@@ -310,5 +320,6 @@ __all__ = [
     "pair_problem",
     "protocols_of",
     "validate_space",
+    "with_folds",
     "with_seeds",
 ]

@@ -8,7 +8,7 @@ from outside (ASHA, a killed worker) — see ``callbacks.py``.
 
 A restored trial (a resumed study, a restarted actor) reads where it stands on disk
 (``resume.py``) and does only what remains; every report it sends, restored or not, carries
-the objective(s) and the scheduler's metric (``reporting.py``).
+the objective(s) and the scheduler's metric (``tune_reports.py``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hescape.config import StudyConfig
-from hescape.study import lineage
-from hescape.study.reporting import (
+from hescape.study import baselines, lineage, stacking
+from hescape.study.resume import TrialProgress, mark_evaluation_logged, read_progress
+from hescape.study.space import SEED_KEY, apply_params, config_id
+from hescape.study.tune_reports import (
     FINAL,
     RESUMED,
     TRAIN,
@@ -32,15 +34,16 @@ from hescape.study.reporting import (
     finite_metrics,
     required_metrics,
 )
-from hescape.study.resume import TrialProgress, mark_evaluation_logged, read_progress
-from hescape.study.space import SEED_KEY, apply_params, config_id
 from hescape.tracking import log_metrics_retry
 from hescape.train.faults import maybe_kill_driver
 
 
 @dataclass(frozen=True)
 class SharedContext:
-    """Everything a trial needs from the driver (plain, picklable data)."""
+    """Everything a trial needs from the driver (plain, picklable data): the base config,
+    lineage, the dataset and what the driver precomputed from it (preprocessing variants by
+    cache key, frozen-feature caches by ``feature_lookup_key``), and whether the study
+    evaluates the baselines once (then trials leave them out)."""
 
     base: dict[str, Any]
     lineage: lineage.LineageRef
@@ -50,6 +53,11 @@ class SharedContext:
     git_commit: str
     phase: str = "search"
     verbose: bool = False  # trials print per-step lines (else the driver's one line per event)
+    data_path: str | None = None  # the dataset (None: cfg.data.path)
+    prepared: dict[str, str] = field(default_factory=dict)  # variant cache key -> entry path
+    features: dict[str, str] = field(default_factory=dict)  # feature_lookup_key -> cache path
+    study_baselines: bool = False  # baselines evaluated once per study (hescape.study.baselines)
+    run_token: str = ""  # this driver run (names its stack services: hescape.study.stacking)
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -70,18 +78,24 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
     MLflow re-sends its result; one with checkpoints first reports where it stands (so the
     scheduler can stop it again), trains on unless its last step or early stop is reached,
     evaluates unless its evaluation is logged, and closes. Every report carries the
-    objective(s) and the scheduler's metric (``reporting.checked``).
+    objective(s) and the scheduler's metric (``tune_reports.checked``).
     """
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     if not shared.verbose:  # Ray Train's per-checkpoint INFO lines reach the driver console
         logging.getLogger("ray.train").setLevel(logging.WARNING)
+        from hescape.study.console import quiet_libraries, warn_once
+
+        warn_once(shared.study_dir)  # each distinct warning once per study (all in logs/)
+        quiet_libraries(False)
     params = trial_params(config)
     cfg = resolve_trial_config(shared, params)
     run_dir = Path(shared.study_dir) / "trials" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"{trial_id} {config_id(params)} seed={params.get(SEED_KEY, cfg.train.seed)}"
+    if cfg.data.fold is not None:
+        name += f" fold={cfg.data.fold}"
     ref = shared.lineage
     required = required_metrics(cfg)
     existing = lineage.find_child(ref, trial_id)
@@ -89,16 +103,25 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
         # completed before the driver stopped: send its result again, do not re-run
         tune.report(checked(cached_report(existing), required, kind=FINAL))
         return
-    prepared = _prepared(cfg)
+    handle, inputs = None, None
+    if stacking.stacking(cfg):  # trained (and evaluated) by its stack's service
+        handle, facts = stacking.connect(shared, cfg)
+    else:
+        inputs = trial_inputs(cfg, shared)  # the dataset, loaded once for the whole trial
+        facts = inputs.facts()
     run_id = lineage.open_child(ref, trial_id, existing=existing, name=name[:250],
-                                tags=_trial_tags(shared, cfg, params, prepared))
+                                tags=_trial_tags(shared, cfg, params, facts))
     if existing is not None and "hescape.error" in existing.data.tags:  # running again
         client = lineage.MlflowClient(ref.tracking_uri)
         lineage.with_retry(lambda: client.delete_tag(run_id, "hescape.error"))
     logged = int((existing.data.metrics if existing is not None else {}).get("step", 0))
-    trial = _Trial(cfg, ref, run_id, run_dir, shared.phase, shared.verbose, required, logged)
+    trial = _Trial(cfg, ref, run_id, run_dir, shared.phase, shared.verbose, required, logged,
+                   shared.study_baselines)
     try:
-        result = _train_and_evaluate(trial, prepared)
+        if handle is not None:
+            result = _stacked_train_and_evaluate(trial, shared, trial_id)
+        else:
+            result = _train_and_evaluate(trial, inputs)
     except SystemExit as exc:  # Tune stops a trial (ASHA, end of run) by exiting in tune.report
         if exc.code not in (0, None):
             lineage.finish_run(ref, run_id, "FAILED", error=f"SystemExit: {exc.code}")
@@ -113,17 +136,60 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
     tune.report(checked(result, required, kind=FINAL))
 
 
-def _prepared(cfg: StudyConfig) -> Any:
-    """The trial's preprocessed expression (precomputed by the driver: a cache hit)."""
-    from hescape.data import load_paired
-    from hescape.train.inputs import prepare_expression
+@dataclass
+class TrialInputs:
+    """What one trial reads, loaded once: the dataset, its prepared expression (the
+    driver's precomputed variant), the frozen-feature cache path (the driver's) and the
+    preprocessing entry path (for Ray Train workers, which load from paths)."""
 
-    return prepare_expression(cfg, load_paired(cfg.data.path), progress=False)
+    paired: Any
+    prepared: Any
+    prepared_path: Path
+    features_path: str | None
+
+    def facts(self) -> dict[str, Any]:
+        """What the trial's MLflow tags say about its inputs."""
+        p = self.prepared
+        return {"method": p.method, "cache_key": p.cache_key, "saw_heldout": p.saw_heldout,
+                "info": p.info, "split": {k: list(v) for k, v in self.paired.split.items()}}
+
+
+def trial_inputs(cfg: StudyConfig, shared: SharedContext) -> TrialInputs:
+    """Load the dataset once and look up what the driver precomputed for ``cfg``; a variant or
+    feature set the driver could not enumerate (continuous options, stain normalisation
+    fitted per trial) is computed through the same locked caches, so still only once."""
+    from hescape.data import load_paired
+    from hescape.data.splits import with_fold
+    from hescape.preprocess.cache import load_entry, variant_key
+    from hescape.train.features import feature_lookup_key, use_feature_cache
+    from hescape.train.inputs import prepare_expression, prepared_entry_path
+
+    paired = with_fold(load_paired(shared.data_path or cfg.data.path), cfg)  # data.fold: CV
+    key = variant_key(paired.fingerprint, cfg.preprocess.expression, paired.split,
+                      batch_key=cfg.data.batch_key)
+    known = shared.prepared.get(key)
+    prepared = load_entry(Path(known)) if known else None
+    if prepared is None:
+        prepared = prepare_expression(cfg, paired, progress=False)
+    features = None
+    if use_feature_cache(cfg):
+        features = shared.features.get(feature_lookup_key(cfg))
+        if features is None or not Path(features).is_file():
+            from hescape.train.device import resolve_device
+            from hescape.train.features import cached_features
+            from hescape.train.inputs import fit_stain
+
+            features = str(cached_features(cfg, paired, stain=fit_stain(cfg, paired),
+                                           device=resolve_device(cfg.train.use_gpu),
+                                           progress=False))
+    return TrialInputs(paired=paired, prepared=prepared,
+                       prepared_path=prepared_entry_path(cfg, prepared), features_path=features)
 
 
 def _trial_tags(
-    shared: SharedContext, cfg: StudyConfig, params: dict[str, Any], prepared: Any
+    shared: SharedContext, cfg: StudyConfig, params: dict[str, Any], facts: dict[str, Any]
 ) -> dict[str, str]:
+    split = facts["split"]  # a donor fold's split, if any
     return {
         "hescape.config_id": config_id(params)[:4000],
         "hescape.sweep_params": json.dumps(params, sort_keys=True, default=str)[:4900],
@@ -131,12 +197,16 @@ def _trial_tags(
         "hescape.phase": shared.phase,
         "hescape.git_commit": shared.git_commit,
         "hescape.data_fingerprint": shared.data_fingerprint,
-        "hescape.split": ";".join(f"{k}={','.join(v)}" for k, v in shared.split.items())[:4000],
-        "hescape.preprocess": prepared.method,
-        "hescape.preprocess_key": prepared.cache_key,
-        "hescape.preprocess_saw_heldout": str(prepared.saw_heldout).lower(),
-        "hescape.preprocess_converged": _converged_tag(prepared.info),
-        "hescape.preprocess_info": _info_tag(prepared.info),
+        "hescape.split": ";".join(f"{k}={','.join(v)}" for k, v in split.items())[:4000],
+        "hescape.fold": "none" if cfg.data.fold is None else str(cfg.data.fold),
+        "hescape.preprocess": facts["method"],
+        "hescape.preprocess_key": facts["cache_key"],
+        "hescape.preprocess_saw_heldout": str(facts["saw_heldout"]).lower(),
+        "hescape.preprocess_converged": _converged_tag(facts["info"]),
+        "hescape.preprocess_info": _info_tag(facts["info"]),
+        "hescape.stacked": str(stacking.stacking(cfg)).lower(),
+        baselines.TAG: baselines.frozen_key(cfg, split),
+        baselines.PCA_TAG: baselines.pca_key(cfg, split),
     }
 
 
@@ -163,17 +233,18 @@ class _Trial:
     verbose: bool
     required: list[str]
     logged_step: int  # the last step already in MLflow (a reattached run)
+    study_baselines: bool = False  # the study evaluates the baselines (not this trial)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         log_metrics_retry(lineage.MlflowClient(self.ref.tracking_uri), self.run_id, metrics,
                           step=step)
 
 
-def _train_and_evaluate(trial: _Trial, prepared: Any) -> dict[str, Any]:
+def _train_and_evaluate(trial: _Trial, inputs: TrialInputs) -> dict[str, Any]:
     """Train what remains, evaluate the best checkpoint unless already logged; the final
     report (last training report + evaluation)."""
     from hescape.train import fit
-    from hescape.train.inputs import prepared_entry_path
+    from hescape.train.inputs import train_inputs
 
     cfg, ref = trial.cfg, trial.ref
     lineage.log_params(ref, trial.run_id, cfg.model_dump())
@@ -184,13 +255,14 @@ def _train_and_evaluate(trial: _Trial, prepared: Any) -> dict[str, Any]:
     if progress.training_done:
         fitted = progress.fit_result()
     else:  # fit resumes from the newest checkpoint in its run directory
+        loaded = train_inputs(cfg, inputs.paired, inputs.prepared, inputs.features_path)
         fitted = fit(cfg, run_dir=trial.run_dir / "train", verbose=trial.verbose,
                      report_callback=lambda m, c: _report_training(trial, m),
-                     prepared_path=prepared_entry_path(cfg, prepared))
+                     prepared_path=inputs.prepared_path, inputs=loaded)
     last = fitted.metrics or progress.metrics
     evaluated = progress.evaluation
     if evaluated is None:
-        evaluated = _evaluate(trial, fitted, step=int(last.get("step", 0)))
+        evaluated = _evaluate(trial, fitted, inputs, step=int(last.get("step", 0)))
     return final_report(last, evaluated)
 
 
@@ -219,20 +291,76 @@ def _report_resumed(trial: _Trial, progress: TrialProgress) -> None:
     tune.report(checked(clean, trial.required, kind=RESUMED))
 
 
-def _evaluate(trial: _Trial, fitted: Any, *, step: int) -> dict[str, float]:
+def _evaluate(trial: _Trial, fitted: Any, inputs: TrialInputs, *, step: int) -> dict[str, float]:
     """Evaluate the best checkpoint on the held-out donors, log metrics and artifacts, and
     mark the evaluation logged (a restored trial then skips it)."""
     from hescape.study.evaluation import evaluate_trial
 
-    client = lineage.MlflowClient(trial.ref.tracking_uri)
-    if fitted.best_checkpoint is not None:
+    _tag_best(trial, fitted.best_checkpoint)
+    metrics, artifacts = evaluate_trial(trial.cfg, fitted, out_dir=trial.run_dir / "eval",
+                                        paired=inputs.paired, prepared=inputs.prepared,
+                                        features=inputs.features_path,
+                                        baselines=not trial.study_baselines)
+    return _log_evaluation(trial, metrics, artifacts, step=step)
+
+
+def _tag_best(trial: _Trial, best: Any) -> None:
+    if best is not None:
+        client = lineage.MlflowClient(trial.ref.tracking_uri)
         lineage.with_retry(lambda: client.set_tag(trial.run_id, "hescape.best_checkpoint",
-                                                  str(fitted.best_checkpoint)))
-    metrics, artifacts = evaluate_trial(trial.cfg, fitted, out_dir=trial.run_dir / "eval")
+                                                  str(best)))
+
+
+def _log_evaluation(trial: _Trial, metrics: dict[str, float], artifacts: dict[str, Any], *,
+                    step: int) -> dict[str, float]:
     evaluated = finite_metrics(metrics)  # training metrics were logged per report already
     maybe_kill_driver("evaluating", phase=trial.phase)
     trial.log(evaluated, step)
-    lineage.log_artifacts(trial.ref, trial.run_id, artifacts, subdir="eval")
+    lineage.log_artifacts(trial.ref, trial.run_id, {k: Path(v) for k, v in artifacts.items()},
+                          subdir="eval")
     mark_evaluation_logged(trial.run_dir, evaluated)
     maybe_kill_driver("evaluated", phase=trial.phase)
     return evaluated
+
+
+def _stacked_train_and_evaluate(trial: _Trial, shared: Any, name: str) -> dict[str, Any]:
+    """A stacked trial's proxy (``hescape.study.stacking``): join the stack service, relay
+    each of its member's reports (MLflow + Tune, then an acknowledgement: lock-step, so
+    ASHA decides at the same report as for an unbatched trial), log the evaluation the
+    service computed. Leaving for any reason (ASHA's stop included) drops the member."""
+    import ray
+
+    cfg, ref = trial.cfg, trial.ref
+    lineage.log_params(ref, trial.run_id, cfg.model_dump())
+    lineage.log_json_artifact(ref, trial.run_id, cfg.model_dump(), "resolved_config.json")
+    progress = read_progress(trial.run_dir, cfg)
+    if progress.step > 0:
+        _report_resumed(trial, progress)
+    if progress.training_done and progress.evaluation is not None:
+        return final_report(progress.metrics, progress.evaluation)
+    handle = stacking.join(shared, cfg, name, str(trial.run_dir),
+                           train=not progress.training_done)
+    last = dict(progress.metrics)
+    try:
+        while True:
+            event = ray.get(handle.next.remote(name, 10.0))
+            if event is None:
+                continue
+            if event[0] == "report":
+                last = event[1]
+                _report_training(trial, last)  # SystemExit here: ASHA stopped the trial
+                ray.get(handle.ack.remote(name))
+            elif event[0] == "evaluated":
+                metrics, artifacts, best = event[1], event[2], event[3]
+                _tag_best(trial, best)
+                evaluated = _log_evaluation(trial, metrics, artifacts,
+                                            step=int(last.get("step", progress.step)))
+                return final_report(last, evaluated)
+            else:
+                from hescape.train.loop import TrainingError
+
+                raise TrainingError(event[1])
+    except BaseException:
+        handle.drop.remote(name)  # fire and forget: the stack goes on without it
+        raise
+

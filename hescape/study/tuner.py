@@ -1,8 +1,10 @@
-"""Tuner construction: searcher (Optuna TPE / random, or grid), scheduler (ASHA), resources.
+"""Tuner construction: searcher (Optuna TPE / random, or grid), scheduler (ASHA or MO-ASHA),
+resources.
 
-Two phases share one construction path: ``search`` explores the space; ``seeds`` re-runs
-the top-k configurations of the search over extra seeds (grid studies put seeds straight
-into the grid). Run names are stable (no timestamps) so ``Tuner.restore`` finds them.
+Three phases share one construction path: ``search`` explores the space; ``seeds`` re-runs
+the top-k configurations of the search over extra seeds (grid studies put seeds, and donor
+folds, straight into the grid); ``confirm`` runs the controlled, replicated comparisons
+around the best configuration (``hescape.study.confirm``). Run names are stable (no timestamps) so ``Tuner.restore`` finds them.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import Any
 from hescape.config import StudyConfig
 from hescape.study.callbacks import ConsoleProgress, Interrupted, MlflowCloser
 from hescape.study.durable import BACKUP, DurableScheduler, repair_state
-from hescape.study.reporting import TIME_ATTR, objectives, scheduler_metric
 from hescape.study.resources import TrialResources
-from hescape.study.space import SEED_KEY, define_by_run, grid_points, with_seeds
+from hescape.study.space import SEED_KEY, define_by_run, grid_points, with_folds, with_seeds
 from hescape.study.trial import SharedContext, run_trial
+from hescape.study.tune_reports import TIME_ATTR, objectives, scheduler_metric
 
 __all__ = ["build_tuner", "objectives", "phase_dir", "restore_tuner", "seed_points"]
 
@@ -66,21 +68,35 @@ def _searcher(cfg: StudyConfig, base: dict[str, Any]):
     )
 
 
-def _scheduler(cfg: StudyConfig, state: Path, phase: str) -> DurableScheduler:
-    """ASHA in the search phase when asked (on training steps: a restored trial's Tune
-    iteration count restarts, its step does not), else FIFO; both kept durable."""
+REDUCTION_FACTOR = 2  # ASHA and MO-ASHA: the top 1/2 of a rung continues
+
+
+def _scheduler(cfg: StudyConfig, state: Path, phase: str,
+               study_dir: Path | None = None) -> DurableScheduler:
+    """ASHA (or MO-ASHA over every objective: ``sweep.scheduler: moasha``) in the search
+    phase when asked (on training steps: a restored trial's Tune iteration count restarts,
+    its step does not), else FIFO; all kept durable. MO-ASHA writes its decisions under
+    ``study_dir`` (``moasha.decisions_path``) for the report."""
     sched = scheduler_metric(cfg) if phase == "search" else None
     inner = None
     if sched is not None:
-        from ray.tune.schedulers import ASHAScheduler
-
         tc = cfg.train
         n_evals = -(-tc.max_steps // tc.eval_every)  # the last step always reports
-        inner = ASHAScheduler(
-            time_attr=TIME_ATTR, metric=sched[0], mode=sched[1],
+        rungs = dict(
+            time_attr=TIME_ATTR,
             max_t=tc.max_steps + 1,  # never reached: a trial that trains to the end evaluates
             grace_period=min(cfg.sweep.grace_period, n_evals) * tc.eval_every,
-            reduction_factor=2)
+            reduction_factor=REDUCTION_FACTOR)
+        if cfg.sweep.scheduler == "moasha":
+            from hescape.study.moasha import MOASHA, decisions_path
+
+            metrics, modes = objectives(cfg)
+            log = None if study_dir is None else decisions_path(study_dir, phase)
+            inner = MOASHA(metrics=metrics, modes=modes, log_path=log, **rungs)
+        else:
+            from ray.tune.schedulers import ASHAScheduler
+
+            inner = ASHAScheduler(metric=sched[0], mode=sched[1], **rungs)
     return DurableScheduler(inner, state)
 
 
@@ -91,15 +107,19 @@ def _trainable(cfg: StudyConfig, shared: SharedContext, res: TrialResources):
     return tune.with_resources(fn, res.trial)
 
 
-def _run_config(cfg: StudyConfig, shared: SharedContext, phase: str):
+def _run_config(cfg: StudyConfig, shared: SharedContext, phase: str,
+                points: list[dict[str, Any]] | None = None):
     from ray import tune
 
+    grid = explicit_points(cfg, shared, points) is not None  # Tune numbers a grid from 0
+    scheduler = cfg.sweep.scheduler if cfg.sweep is not None else "none"
     progress = ConsoleProgress(phase, objectives(cfg)[0],
-                               cfg.sweep.num_samples if cfg.sweep and phase == "search" else None)
+                               expected_trials(cfg, shared, points), first_tag=0 if grid else 1,
+                               scheduler=scheduler)
     return tune.RunConfig(
         name=phase,
         storage_path=str(Path(shared.study_dir) / "tune"),
-        callbacks=[MlflowCloser(shared.lineage), progress, Interrupted()],
+        callbacks=[MlflowCloser(shared.lineage, scheduler), progress, Interrupted()],
         failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
         verbose=1 if shared.verbose else 0,  # --verbose: Tune's status tables
     )
@@ -113,6 +133,8 @@ def explicit_points(cfg: StudyConfig, shared: SharedContext,
         single = cfg.sweep is None
         grid = [{}] if single else grid_points(cfg.sweep, shared.base)
         points = with_seeds(grid, 1 if single else cfg.sweep.seeds, cfg.train.seed)
+        if not single:  # a grid is the controlled design: on donor folds when asked
+            points = with_folds(points, cfg.eval.donor_folds)
     return points
 
 
@@ -138,9 +160,13 @@ def build_tuner(
         search_alg, param_space, num_samples = _searcher(cfg, base), {}, cfg.sweep.num_samples
     state = resume_dir(shared, phase)
     shutil.rmtree(state, ignore_errors=True)  # a fresh phase starts with a fresh scheduler
+    if cfg.sweep is not None and cfg.sweep.scheduler == "moasha":
+        from hescape.study.moasha import decisions_path
+
+        decisions_path(shared.study_dir, phase).unlink(missing_ok=True)  # and a fresh log
     tune_config = tune.TuneConfig(
         search_alg=search_alg,
-        scheduler=_scheduler(cfg, state, phase),
+        scheduler=_scheduler(cfg, state, phase, Path(shared.study_dir)),
         num_samples=num_samples,
         max_concurrent_trials=concurrency,
         # a trial actor is reused for the next trial: no process start, imports or numba
@@ -150,7 +176,7 @@ def build_tuner(
     )
     return tune.Tuner(
         _trainable(cfg, shared, res), param_space=param_space, tune_config=tune_config,
-        run_config=_run_config(cfg, shared, phase),
+        run_config=_run_config(cfg, shared, phase, points),
     )
 
 

@@ -1,8 +1,8 @@
 """The one embedding loop: rows of a dataset in, model outputs out, batch by batch.
 
 Every forward pass outside the training step goes through ``forward_batches``: validation
-(``train.validate``), checkpoint evaluation (``evaluate.checkpoint_eval``, ``embed_split``)
-and the frozen-encoder feature cache (``features.encode_patches``). Rows are read batch by batch (a
+(``train.validate``), a trained model's embeddings (``train.trained.TrainedModel``: checkpoint
+evaluation, ``embed_split``) and the frozen-encoder feature cache (``features.encode_patches``). Rows are read batch by batch (a
 memmapped store is never loaded whole), images are preprocessed as in training
 (``images_to_input``), and the forward runs in eval mode without gradients on a
 ``Compute`` (device, ``train.precision`` autocast, channels_last: ``hescape.train.device``).
@@ -11,7 +11,6 @@ memmapped store is never loaded whole), images are preprocessed as in training
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,32 +119,3 @@ def compute_embeddings(model: torch.nn.Module, *, loss_fn: Any = None,
     return {"img": np.concatenate(img), "gene": np.concatenate(gene) if gene else None,
             "loss": float(np.average(losses, weights=sizes)) if losses else float("nan")}
 
-
-def embed_split(
-    ckpt_dir: str | Path, paired: Any, part: str, *, batch_size: int = 256,
-    device: str = "cpu", progress: bool = False,
-) -> dict[str, np.ndarray]:
-    """Embed the ``part`` ("train"/"val"/"test") of ``paired`` with a checkpoint's model.
-
-    Returns ``dict(img, gene, index)`` (``index``: obs rows). The prepared expression comes
-    from the preprocessing cache (computed if missing); image features from the feature
-    cache when the checkpoint trained on it and it exists, else the patches are encoded.
-    """
-    from hescape.train.checkpoint import load_model
-    from hescape.train.inputs import fit_stain, prepare_expression
-
-    model, cfg, meta = load_model(ckpt_dir)
-    prepared = prepare_expression(cfg, paired, progress=progress)
-    if list(prepared.feature_names) != list(meta.get("feature_names") or prepared.feature_names):
-        raise ValueError(f"{ckpt_dir}: the prepared expression's features differ from the "
-                         "checkpoint's (different preprocessing or gene panel)")
-    rows = paired.indices(part)
-    feats_path = meta.get("features_path")
-    source: dict[str, Any]
-    if feats_path and Path(feats_path).is_file():
-        source = {"features": np.load(feats_path, mmap_mode="r")}
-    else:
-        source = {"images": paired.patches, "stain": fit_stain(cfg, paired)}
-    emb = compute_embeddings(model, compute=Compute.of(cfg.train, device), gene_x=prepared.X,
-                             rows=rows, batch_size=batch_size, progress=progress, **source)
-    return {"img": emb["img"], "gene": emb["gene"], "index": rows}

@@ -68,6 +68,17 @@ def feature_cache_key(encoder: Any, fingerprint: str, stain_norm: str,
     return f"{encoder.feature_key()}-{digest}"
 
 
+def feature_lookup_key(cfg: StudyConfig) -> str:
+    """What decides which feature-cache entry a config reads, from the config alone (no
+    encoder built): the image section, stain normalisation, stored dtype, precision rule and
+    device. The driver files each precomputed cache path under it (``SharedContext``), so a
+    trial finds its features without rebuilding the encoder to compute the cache key."""
+    spec = {"image": cfg.model.image.model_dump(mode="json"),
+            "stain_norm": cfg.preprocess.image.stain_norm, "dtype": cfg.train.feature_dtype,
+            "precision": cfg.train.precision, "use_gpu": cfg.train.use_gpu}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def feature_cache_path(storage_dir: str | Path, key: str) -> Path:
     """``<storage_dir>/cache/features/<key>.npy`` (``~`` expanded)."""
     return cache_dir(storage_dir, "features") / f"{key}.npy"

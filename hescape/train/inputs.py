@@ -31,19 +31,26 @@ def cache_root(cfg: StudyConfig) -> Path:
     return cache_dir(cfg.storage_dir)
 
 
+def simulated_dataset_path(cfg: StudyConfig) -> Path:
+    """Where the simulated dataset of ``cfg`` is cached (it may not exist yet)."""
+    from hescape.data.simulate import SIMULATOR_VERSION
+
+    # the simulator's version is part of the key: a changed simulator never reuses old data
+    spec = {"simulate": cfg.data.simulate.model_dump(), "split": cfg.data.split.model_dump(),
+            "version": SIMULATOR_VERSION}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir(cfg.storage_dir, "data") / f"sim-{key}"
+
+
 def resolve_dataset(cfg: StudyConfig, *, progress: bool = True) -> Path:
     """The dataset directory: ``data.path``, or the simulated dataset (simulated once)."""
     if cfg.data.path:
         return absolute(cfg.data.path)
     from filelock import FileLock
 
-    from hescape.data.simulate import SIMULATOR_VERSION, simulate
+    from hescape.data.simulate import simulate
 
-    # the simulator's version is part of the key: a changed simulator never reuses old data
-    spec = {"simulate": cfg.data.simulate.model_dump(), "split": cfg.data.split.model_dump(),
-            "version": SIMULATOR_VERSION}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    out = cache_dir(cfg.storage_dir, "data") / f"sim-{key}"
+    out = simulated_dataset_path(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "manifest.json").is_file():
@@ -62,7 +69,12 @@ def prepare_expression(cfg: StudyConfig, paired: Any, *, progress: bool = True) 
 
 def prepared_entry_path(cfg: StudyConfig, prepared: Any) -> Path:
     """Where ``hescape.preprocess`` stored ``prepared`` (the entry base, no suffix)."""
-    return cache_dir(cfg.storage_dir, "preprocess") / f"expr-{prepared.method}-{prepared.cache_key}"
+    return entry_path(cfg, prepared.method, prepared.cache_key)
+
+
+def entry_path(cfg: StudyConfig, method: str, cache_key: str) -> Path:
+    """The preprocessing cache entry (base, no suffix) of a variant's method and key."""
+    return cache_dir(cfg.storage_dir, "preprocess") / f"expr-{method}-{cache_key}"
 
 
 def fit_stain(cfg: StudyConfig, paired: Any) -> Any:
@@ -85,10 +97,11 @@ def prepare_inputs(
 ) -> dict[str, str | None]:
     """Driver side: dataset + preprocessed expression (+ features) -> paths for workers."""
     from hescape.data import load_paired
+    from hescape.data.splits import with_fold
     from hescape.train.features import cached_features, use_feature_cache
 
     data_path = resolve_dataset(cfg, progress=progress)
-    paired = load_paired(data_path)
+    paired = with_fold(load_paired(data_path), cfg)  # data.fold: a donor fold's split
     if prepared_path is None:
         prepared = prepare_expression(cfg, paired, progress=progress)
         prepared_path = prepared_entry_path(cfg, prepared)
@@ -142,14 +155,23 @@ def load_prepared(path: str | Path) -> Any:
 def load_train_inputs(config: dict[str, Any], cfg: StudyConfig) -> TrainInputs:
     """Worker side: load the dataset, prepared expression and features from their paths."""
     from hescape.data import load_paired
+    from hescape.data.splits import with_fold
+
+    return train_inputs(cfg, with_fold(load_paired(config["data_path"]), cfg),
+                        load_prepared(config["prepared_path"]), config.get("features_path"))
+
+
+def train_inputs(cfg: StudyConfig, paired: Any, prepared: Any,
+                 features_path: str | Path | None) -> TrainInputs:
+    """``TrainInputs`` from what is already loaded (a trial that runs the loop in its own
+    process hands its dataset and prepared expression over instead of loading them again)."""
     from hescape.train.features import load_features
 
-    paired = load_paired(config["data_path"])
-    prepared = load_prepared(config["prepared_path"])
     if prepared.X.shape[0] != paired.adata.n_obs:
-        raise ValueError(f"{config['prepared_path']}: {prepared.X.shape[0]} rows for a dataset "
-                         f"of {paired.adata.n_obs} obs (prepared for another dataset?)")
-    fpath = config.get("features_path")
+        raise ValueError(f"prepared expression {prepared.cache_key}: {prepared.X.shape[0]} rows "
+                         f"for a dataset of {paired.adata.n_obs} obs (prepared for another "
+                         "dataset?)")
+    fpath = None if features_path is None else str(features_path)
     features = load_features(fpath, paired.adata.n_obs) if fpath else None
     names = paired.adata.obs["donor"].astype(str).to_numpy()
     train_donors = sorted(map(str, paired.split["train"]))

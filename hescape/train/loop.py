@@ -2,8 +2,9 @@
 
 ``train_loop_per_worker(config)`` gets plain data: ``config["cfg"]`` (StudyConfig dump) and
 the paths the driver prepared (``data_path``, ``prepared_path``, ``features_path``); it
-never recomputes preprocessing. Rank and world size come from the session
-(``ray.train.get_context()`` or the in-process shim). ``train.batch_size`` is per worker
+never recomputes preprocessing. In the caller's process (``fit`` without a worker group)
+``config["inputs"]`` may hold those inputs already loaded (``TrainInputs``). Rank and world
+size come from the session (``ray.train.get_context()`` or the in-process shim). ``train.batch_size`` is per worker
 (the contrastive batch is ``batch_size * num_workers``: negatives are gathered across
 workers). Every rank validates on the whole validation set (identical weights, identical
 metrics, so early-stop decisions agree without a collective).
@@ -76,7 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reset_peak_memory(device)
 
     # ---- inputs prepared by the driver (paths only), model, optimiser, resume
-    data = load_train_inputs(config, cfg)
+    data = config.get("inputs") or load_train_inputs(config, cfg)  # loaded by an in-process caller
     model, optimizer = build_model_and_optimizer(cfg, data, device, compute.channels_last)
     seed_everything(tc.seed + rank)  # same init on every rank, then per-rank dropout
     state = TrainState()

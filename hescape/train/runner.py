@@ -21,7 +21,7 @@ from typing import Any
 from hescape.config import StudyConfig
 from hescape.paths import absolute
 from hescape.train.checkpoint import checkpoint_step, list_checkpoints
-from hescape.train.inputs import prepare_inputs
+from hescape.train.inputs import TrainInputs, prepare_inputs
 from hescape.train.loop import TrainingError, train_loop_per_worker
 from hescape.train.session import LocalSession, ReportCallback, local_session
 
@@ -51,12 +51,16 @@ def fit(
     cfg: StudyConfig, *, run_dir: Path, prepared_path: str | Path | None = None,
     features_path: str | Path | None = None, report_callback: ReportCallback | None = None,
     resume_from: str | Path | None = None, verbose: bool = True,
+    inputs: TrainInputs | None = None,
 ) -> FitResult:
     """Train ``cfg`` with checkpoints under ``run_dir``; return metrics and the best checkpoint.
 
     ``prepared_path`` / ``features_path`` are the driver's cached inputs (prepared here
-    when not given). ``resume_from`` is a checkpoint directory to continue from when
-    ``run_dir`` holds none of its own (a previous run in ``run_dir`` is always resumed).
+    when not given). ``inputs``: the same, already loaded (``inputs.train_inputs``; a study
+    trial passes them with ``prepared_path``): a loop in this process uses them as they are,
+    Ray Train workers load them from the paths. ``resume_from`` is a checkpoint directory to
+    continue from when ``run_dir`` holds none of its own (a previous run in ``run_dir`` is
+    always resumed).
     """
     run_dir = absolute(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,13 +68,18 @@ def fit(
             and cfg.preprocess.image.stain_augment > 0:
         log.warning("stain_augment > 0 changes the images every step: re-encoding with the "
                     "frozen encoder instead of using the feature cache")
-    paths = prepare_inputs(cfg, prepared_path=prepared_path, features_path=features_path,
-                           progress=verbose)
+    if inputs is not None and prepared_path is not None:
+        paths = {"data_path": str(inputs.paired.path), "prepared_path": str(prepared_path),
+                 "features_path": inputs.features_path}
+    else:
+        inputs = None  # without the prepared path, Ray workers could not load the same inputs
+        paths = prepare_inputs(cfg, prepared_path=prepared_path, features_path=features_path,
+                               progress=verbose)
     config = {"cfg": cfg.model_dump(mode="json"), **paths, "verbose": verbose,
               "run_dir": str(run_dir),  # where checkpoints land (Ray: storage_path / name)
               "resume_from": None if resume_from is None else str(Path(resume_from).resolve())}
     if runs_in_process(cfg):
-        return _fit_in_process(config, cfg, run_dir, report_callback)
+        return _fit_in_process({**config, "inputs": inputs}, cfg, run_dir, report_callback)
     return _fit_ray(config, cfg, run_dir, report_callback)
 
 

@@ -1,5 +1,6 @@
 """Validation during training: loss and whole-set retrieval on the validation donors, and
-how well a linear probe still predicts the donor from each embedding (vs chance)."""
+how well a linear probe still predicts the donor from each embedding (vs chance); plus the
+cheap objectives a study names (``val_objectives``: validation mixing and expression probe)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hescape.config import StudyConfig
 from hescape.losses import create_loss
 from hescape.train.device import Compute
 from hescape.train.embed import compute_embeddings
+from hescape.train.val_objectives import objective_inputs, objective_metrics, requested
 
 PROBE_MAX_ROWS = 2000
 
@@ -87,31 +89,52 @@ def _probe_rows(data: Any, seed: int) -> tuple[np.ndarray, float]:
 
 def validate(model: torch.nn.Module, data: Any, cfg: StudyConfig, *,
              compute: Compute) -> dict[str, float]:
-    """``val/loss``, ``val/<retrieval keys>``, ``val/donor_acc_{img,gene}``, ``val/donor_chance``.
+    """``val/loss``, ``val/<retrieval keys>``, ``val/donor_acc_{img,gene}``, ``val/donor_chance``
+    (+ the ``val_objectives`` the study names, e.g. ``val/gene/ilisi``).
 
     Donor predictability is probed on the validation donors when there are >= 2 of them,
     else on a fixed sample of training spots (``val/donor_probe_heldout`` says which).
+    Two parts: ``validation_inputs`` (the model's forward passes) and
+    ``validation_metrics`` (numpy / scikit-learn only; the stacked trainer runs it in
+    worker processes).
     """
-    from hescape.metrics.retrieval import cross_modal_retrieval
+    return validation_metrics(validation_inputs(model, data, cfg, compute=compute), cfg.eval)
 
-    ec = cfg.eval
+
+def validation_inputs(model: torch.nn.Module, data: Any, cfg: StudyConfig, *,
+                      compute: Compute) -> dict[str, Any]:
+    """What ``validation_metrics`` needs: validation embeddings, loss and donors, and the
+    embeddings and donors of the donor probe's rows, and what the requested cheap objectives
+    read (``val_objectives.objective_inputs``) (plain arrays: picklable)."""
     loss_fn = create_loss(cfg.loss)
     emb = embed_rows(model, data, data.val_idx, cfg, compute=compute, loss_fn=loss_fn)
-    img, gene = emb["img"], emb["gene"]
-    metrics = {"val/loss": emb["loss"]}
-    retrieval = cross_modal_retrieval(
-        img, gene, donors=data.donor_names[data.val_idx], ks=ec.ks, block_size=ec.block_size,
-        inbatch_size=ec.inbatch_size, inbatch_repeats=ec.inbatch_repeats, seed=ec.seed)
-    metrics.update({f"val/{k}": float(v) for k, v in retrieval.items()})
-    rows, heldout = _probe_rows(data, ec.seed)
+    rows, heldout = _probe_rows(data, cfg.eval.seed)
     if heldout == 0.0:
-        emb = embed_rows(model, data, rows, cfg, compute=compute)
-        img, gene = emb["img"], emb["gene"]
+        probe = embed_rows(model, data, rows, cfg, compute=compute)
+        probe_img, probe_gene = probe["img"], probe["gene"]
     else:
-        img, gene = img[np.searchsorted(data.val_idx, rows)], gene[np.searchsorted(data.val_idx, rows)]
-    for name, vectors in (("img", img), ("gene", gene)):
-        acc, chance = donor_probe(vectors, data.donor_names[rows], seed=ec.seed)
+        at = np.searchsorted(data.val_idx, rows)
+        probe_img, probe_gene = emb["img"][at], emb["gene"][at]
+    return {"img": emb["img"], "gene": emb["gene"], "loss": emb["loss"],
+            "donors": data.donor_names[data.val_idx], "probe_img": probe_img,
+            "probe_gene": probe_gene, "probe_donors": data.donor_names[rows],
+            "heldout": heldout, "objectives": objective_inputs(data, cfg, requested(cfg))}
+
+
+def validation_metrics(inputs: dict[str, Any], ec: Any) -> dict[str, float]:
+    """The metrics of ``validate`` from ``validation_inputs`` (``ec``: the eval section)."""
+    from hescape.metrics.retrieval import cross_modal_retrieval
+
+    metrics = {"val/loss": inputs["loss"]}
+    retrieval = cross_modal_retrieval(
+        inputs["img"], inputs["gene"], donors=inputs["donors"], ks=ec.ks,
+        block_size=ec.block_size, inbatch_size=ec.inbatch_size,
+        inbatch_repeats=ec.inbatch_repeats, seed=ec.seed)
+    metrics.update({f"val/{k}": float(v) for k, v in retrieval.items()})
+    for name in ("img", "gene"):
+        acc, chance = donor_probe(inputs[f"probe_{name}"], inputs["probe_donors"], seed=ec.seed)
         metrics[f"val/donor_acc_{name}"] = acc
     metrics["val/donor_chance"] = chance
-    metrics["val/donor_probe_heldout"] = heldout
+    metrics["val/donor_probe_heldout"] = inputs["heldout"]
+    metrics.update(objective_metrics(inputs, inputs.get("objectives", {}), ec))
     return metrics

@@ -51,3 +51,18 @@ def test_gpu_bench_smoke_runs_on_cpu(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert set(result["split_ms"]) >= {"data", "forward", "backward", "optim"}
     assert result["flops_per_step"] > 0
+
+
+def test_effects_calibration_smoke_writes_its_table(tmp_path: Path) -> None:
+    """The factor-effect calibration (not a speed benchmark) runs at smoke size: one seed
+    gives no verdict, every other cell a false-claim rate and a power."""
+    from benchmarks.effects_calibration import main
+
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "effects_calibration_smoke.json").read_text())
+    cells = data["cells"]
+    assert {c["seeds"] for c in cells} == {1, 3} and len(cells) == 32
+    assert all(not c["verdict"] for c in cells if c["seeds"] == 1)
+    assert all(0 <= c["fcr"] <= 1 and 0 <= c["power"] <= 1 for c in cells if c["seeds"] == 3)
+    table = (tmp_path / "effects_calibration_smoke.md").read_text()
+    assert "| controlled | 1 | 8 | no verdict |" in table

@@ -67,14 +67,15 @@ def test_one_trial_total_counts_the_costliest_variant_once():
 
 @pytest.mark.slow
 def test_harness_runs_every_stage_at_a_tiny_size(tmp_path: Path) -> None:
-    """Every stage in its own process at 320 spots (scVI capped at 2 epochs): time, peak RSS
+    """Every stage in its own process at 320 spots (scVI, DRVI: 2 epochs): time, peak RSS
     and the stage's output land in the JSON, the table in the markdown."""
     out = tmp_path / "scaling.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENCH_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.panel_scaling", "--sizes", "320", "--steps", "10",
          "--workdir", str(tmp_path / "work"), "--out", str(out), "--stop-on-error",
-         "--set", "preprocess.expression.scvi.max_epochs=2"],
+         "--set", "preprocess.expression.scvi.max_epochs=2",
+         "--set", "preprocess.expression.drvi.max_epochs=2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]["320"]
@@ -85,6 +86,10 @@ def test_harness_runs_every_stage_at_a_tiny_size(tmp_path: Path) -> None:
     assert rows["features"]["info"]["shape"][0] == 320
     assert rows["pre_harmony"]["info"]["variant"]["harmony"]["mode"] == "inductive"
     assert rows["evaluate"]["info"]["n_metrics"] > 0
+    assert 0 < rows["trial_eval"]["info"]["n_metrics"] < rows["evaluate"]["info"]["n_metrics"]
+    marginal = next(line for line in out.with_suffix(".md").read_text().splitlines()
+                    if line.startswith("| **a trial's marginal cost"))
+    assert "+" in marginal  # training + evaluation
     one_trial = next(line for line in out.with_suffix(".md").read_text().splitlines()
                      if line.startswith("| **one trial**"))
     assert "(partial)" not in one_trial and "bound" in one_trial

@@ -64,3 +64,47 @@ def test_leave_one_donor_out():
         assert held not in train and len(train) == 2
     with pytest.raises(DataError):
         list(leave_one_donor_out(["a"]))
+
+
+def test_donor_folds_make_every_donor_a_test_donor_once():
+    from hescape.data.splits import donor_folds
+
+    donors = [f"d{i}" for i in range(10)]
+    labels = {d: ("mut" if i < 4 else "wt") for i, d in enumerate(donors)}
+    folds = donor_folds(donors, 4, seed=1, labels=labels)
+    assert len(folds) == 4
+    tests = [d for f in folds for d in f["test"]]
+    assert sorted(tests) == sorted(donors)  # each donor a test donor exactly once
+    for i, f in enumerate(folds):
+        assert set(f["train"]) | set(f["val"]) | set(f["test"]) == set(donors)
+        assert not set(f["train"]) & set(f["val"]) and not set(f["val"]) & set(f["test"])
+        assert f["val"] == folds[(i + 1) % 4]["test"]  # validation = the next fold's test
+        assert {labels[d] for d in f["test"]} == {"mut", "wt"}  # stratified where possible
+    assert donor_folds(donors, 4, seed=1, labels=labels) == folds  # seeded
+    assert donor_folds(donors, 4, seed=2, labels=labels) != folds
+
+
+def test_donor_folds_refuse_too_few_donors_or_folds():
+    from hescape.data.splits import donor_folds
+
+    with pytest.raises(DataError, match="k >= 3"):
+        donor_folds(["a", "b", "c"], 2)
+    with pytest.raises(DataError, match="fewer than the folds"):
+        donor_folds(["a", "b", "c"], 4)
+
+
+def test_with_fold_replaces_the_split_of_a_dataset(tmp_path):
+    from hescape.config import StudyConfig
+    from hescape.data import load_paired, tiny_dataset
+    from hescape.data.splits import with_fold
+
+    paired = load_paired(tiny_dataset(tmp_path / "d", seed=0, n_donors=5))
+    cfg = StudyConfig.model_validate({"data": {"path": str(paired.path), "fold": 2},
+                                      "eval": {"donor_folds": 5}})
+    folded = with_fold(paired, cfg)
+    assert folded.fingerprint == paired.fingerprint and folded.split != paired.split
+    assert len(folded.split["test"]) == 1 and len(folded.split["train"]) == 3
+    assert set(folded.adata.obs["donor"].astype(str)[folded.indices("test")]) == \
+        set(folded.split["test"])
+    none = StudyConfig.model_validate({"data": {"path": str(paired.path)}})
+    assert with_fold(paired, none) is paired

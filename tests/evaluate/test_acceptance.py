@@ -105,7 +105,7 @@ def gene_mixing_on_training_donors(ckpt: Path, data: Path) -> dict[str, float]:
     """Batch-mixing metrics (donor as batch, state as label) of the gene embedding."""
     from hescape.data import load_paired
     from hescape.metrics.mixing import mixing_metrics
-    from hescape.train.embed import embed_split
+    from hescape.train.trained import embed_split
 
     paired = load_paired(data)
     emb = embed_split(ckpt, paired, "train")

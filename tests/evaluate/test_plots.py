@@ -40,6 +40,23 @@ def test_embedding_uses_umap_for_large_n(monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
     xy, method = plots.embedding_2d(np.ones((plots.UMAP_MIN_N, 4)), seed=3)
     assert method == "UMAP" and xy.shape == (plots.UMAP_MIN_N, 2) and calls["random_state"] == 3
+    # below umap-learn's all-pairs threshold it gets the cosine distances, above it the rows
+    assert calls["metric"] == "precomputed"
+    plots.embedding_2d(np.ones((plots.UMAP_SMALL_DATA, 4)))
+    assert calls["metric"] == "cosine"
+
+
+def test_cosine_distances_are_umaps():
+    from umap.distances import cosine
+
+    x = np.random.default_rng(1).normal(size=(30, 7)).astype(np.float32)
+    x[3] = 0.0
+    x[4] = 0.0
+    d = plots.cosine_distances(x)
+    ref = np.array([[cosine(a, b) for b in x] for a in x])
+    np.fill_diagonal(ref, 0.0)
+    np.testing.assert_allclose(d, ref, atol=1e-6)
+    assert d[3, 4] == 0.0 and d[3, 5] == 1.0
 
 
 def test_recall_hist_comparison(tmp_path):

@@ -12,6 +12,8 @@ from hescape.metrics.retrieval import (
     rank_of_true,
     recall_by_donor,
     retrieval_ranks,
+    top_k_rows,
+    top_k_rows_exact,
     topk_blocked,
 )
 
@@ -33,6 +35,19 @@ def test_rank_matches_brute_force(block):
     np.testing.assert_array_equal(rank_of_true(img, gene, block), _brute_ranks(img, gene))
 
 
+@pytest.mark.parametrize("block", [1, 7, 64, 1000])
+def test_both_directions_from_one_product_equal_rank_of_true(block):
+    img, gene = _pair(130, d=12, noise=0.7, seed=5)
+    img[3], gene[3] = img[4], gene[4]  # a duplicated pair: ties both ways
+    gene[9] = gene[10]
+    ranks = retrieval_ranks(img, gene, block)
+    np.testing.assert_array_equal(ranks["img2gene"], rank_of_true(img, gene, block))
+    np.testing.assert_array_equal(ranks["gene2img"], rank_of_true(gene, img, block))
+    np.testing.assert_array_equal(ranks["gene2img"], _brute_ranks(gene, img))
+    flat = retrieval_ranks(np.ones((6, 3)), np.ones((6, 3)), 4)  # ties count against
+    assert (flat["img2gene"] == 6).all() and (flat["gene2img"] == 6).all()
+
+
 @pytest.mark.parametrize("block", [1, 5, 100])
 def test_topk_matches_brute_force(block):
     img, gene = _pair(40, seed=1)
@@ -48,6 +63,50 @@ def test_topk_ties_go_to_lower_index():
     c = np.ones((6, 3))
     idx, _ = topk_blocked(q, c, 3, block_size=1)
     np.testing.assert_array_equal(idx, [[0, 1, 2], [0, 1, 2]])
+
+
+@pytest.mark.parametrize("kind", ["continuous", "rounded", "integers", "repeated"])
+def test_top_k_rows_equals_row_by_row_selection(kind):
+    # the bounded pool (every 16th column) must give exactly the row-by-row selection,
+    # ties to the lower column included: long rows (the pool path), short ones (exact bound)
+    rng = np.random.default_rng(len(kind))
+    for b, n, k in [(7, 3000, 15), (33, 5000, 10), (5, 200, 15), (4, 12, 12), (9, 961, 15)]:
+        s = rng.normal(size=(b, n)).astype(np.float32)
+        if kind == "rounded":
+            s = np.round(s, 1)
+        elif kind == "integers":
+            s = rng.integers(0, 6, size=(b, n)).astype(np.float32)  # mass ties at the bound
+        elif kind == "repeated":
+            s[:, ::7] = s[:, :1]
+        got, want = top_k_rows(s, k), top_k_rows_exact(s, k)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_top_k_rows_with_a_few_mass_tie_rows():
+    # rows whose bound keeps thousands of tied entries go row by row, the others pooled
+    s = np.random.default_rng(5).normal(size=(50, 4000)).astype(np.float32)
+    s[3] = 0.5  # a zero query: every candidate ties
+    s[7, ::2] = 3.0
+    got, want = top_k_rows(s, 15), top_k_rows_exact(s, 15)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_top_k_rows_ranks_nan_last():
+    s = np.random.default_rng(0).normal(size=(3, 2000)).astype(np.float32)
+    s[1, 17], s[1, 5] = np.nan, np.inf
+    idx, scores = top_k_rows(s, 5)
+    want = top_k_rows_exact(np.where(np.isnan(s), -np.inf, s), 5)
+    np.testing.assert_array_equal(idx, want[0])
+    assert idx[1, 0] == 5 and 17 not in idx[1]
+    assert np.isfinite(scores[[0, 2]]).all()
+
+
+def test_topk_of_a_collapsed_embedding_keeps_lowest_indices():
+    idx, scores = topk_blocked(np.ones((4, 3)), np.ones((5000, 3)), 15, block_size=3)
+    np.testing.assert_array_equal(idx, np.tile(np.arange(15), (4, 1)))
+    assert np.allclose(scores, 1.0)
 
 
 def test_ties_count_against():
@@ -107,6 +166,23 @@ def test_in_batch_matches_reference_and_is_seeded():
             rows = perm[start : start + 32]
             hits.append(_brute_ranks(img[rows], gene[rows]) <= 5)
     assert m1["inbatch32_r5_img2gene"] == pytest.approx(np.concatenate(hits).mean())
+    # exactly the per-batch ranks of retrieval_ranks (its normalisation and tie rule), also
+    # with duplicated pairs (ties) in the set
+    img[7], gene[7] = img[8], gene[8]
+    m3 = cross_modal_retrieval(img, gene, inbatch_size=32, inbatch_repeats=3, seed=7, ks=(1, 5))
+    rng = np.random.default_rng(7)
+    parts = {"img2gene": [], "gene2img": []}
+    ni, ng = l2_normalize(img), l2_normalize(gene)
+    for _ in range(3):
+        perm = rng.permutation(130)
+        for start in range(0, 130 - 32 + 1, 32):
+            rows = perm[start : start + 32]
+            for direction, r in retrieval_ranks(ni[rows], ng[rows], 32).items():
+                parts[direction].append(r)
+    for direction, r in parts.items():
+        r = np.concatenate(r)
+        for k in (1, 5):
+            assert m3[f"inbatch32_r{k}_{direction}"] == np.mean(r <= k)
     # a smaller batch is an easier task than the whole set
     assert m1["inbatch32_r5_img2gene"] > m1["r5_img2gene"]
 

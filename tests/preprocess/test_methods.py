@@ -18,7 +18,8 @@ from hescape.preprocess import apply_expression_variant, variant_key
 from hescape.preprocess.spec import KINDS, MethodSpec, get_method, method_names
 
 # fast settings for slow methods (options only: the checks are the same)
-QUICK = {"scvi": {"max_epochs": 2, "early_stopping": False, "n_hidden": 16}}
+QUICK = {"scvi": {"max_epochs": 2, "early_stopping": False, "n_hidden": 16},
+         "drvi": {"max_epochs": 2, "early_stopping": False, "n_hidden": 16, "n_latent": 8}}
 
 
 def _cfg(method: str, **options) -> ExpressionPreprocess:

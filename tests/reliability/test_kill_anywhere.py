@@ -52,6 +52,7 @@ OVERRIDES = [
     "loss.name: {type: choice, values: [clip, siglip]}, "
     "train.lr: {type: loguniform, low: 0.001, high: 0.005}}",
     "--set=train.max_steps=6", "--set=train.eval_every=3",
+    "--set=sweep.confirm.enabled=false",  # its kills are in test_confirm_resume.py
 ]
 COMPARED_PREFIXES = ("val/", "test/", "train/")
 NOT_COMPARED = ("train/steps_per_s",)  # wall-clock

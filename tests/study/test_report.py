@@ -11,14 +11,15 @@ import pandas as pd
 import pytest
 
 from hescape.config import StudyConfig
-from hescape.study.effects import BootstrapSettings, check_per_donor
-from hescape.study.report import (
+from hescape.study.report.build import (
     NO_PER_DONOR,
     ablation,
     baseline_comparison,
     build_report,
     leaderboard,
 )
+from hescape.study.report.effects import BootstrapSettings
+from hescape.study.results import check_per_donor
 
 SPLIT = {"train": ["d0", "d1", "d2"], "val": ["d3"], "test": ["d4", "d5", "d6", "d7"]}
 
@@ -184,6 +185,23 @@ def test_effects_say_that_asha_stopped_trials_are_left_out(tmp_path):
     assert "1 trial(s) were stopped early" in effects
 
 
+def test_effects_say_what_the_interval_spans_and_what_to_run(tmp_path):
+    """2 seeds per level: a controlled verdict over donors and seeds; one run per level:
+    no verdict, and the report says what to run."""
+    cfg, rows, per_donor = _mixed_study()
+    section = _section(build_report(cfg, rows, out=tmp_path, per_donor=per_donor)[0].markdown(),
+                       "## Factor effects")
+    assert "controlled: 2 vs 2 seeds; spans donors, seeds" in section
+    assert "needs replicates" not in section.split("|---")[-1]  # every row has a verdict
+    single = [r for r in rows if r["seed"] == "0"]
+    doc, frames = build_report(cfg, single, out=tmp_path, per_donor=per_donor)
+    section = _section(doc.markdown(), "## Factor effects")
+    assert set(frames["effects"]["verdict"]) == {"needs replicates"}
+    assert "needs replicates: run each level with >= 3 seeds" in section
+    assert "have no verdict (needs replicates)" in section and "sweep.confirm.seeds" in section
+    assert "[+" not in section.split("|---")[-1]  # no interval printed
+
+
 def test_single_protocol_is_named_once(tmp_path):
     cfg, rows, per_donor = _mixed_study()
     doc, _ = build_report(cfg, rows[:4], out=tmp_path, per_donor=per_donor)
@@ -262,6 +280,78 @@ def test_scvi_epoch_cap_and_harmony_warnings(tmp_path):
     assert "epoch cap" not in clean and "did not converge" not in clean
 
 
+# ------------------------------------------------------------------------- the answer first
+DONORS8 = tuple(f"d{i}" for i in range(4, 12))
+
+
+def _confirmed_study():
+    """TPE search (one seed per configuration) + confirm phase (3 seeds): harmony +0.08 over
+    none on every donor, loss.name no effect; donor and seed noise."""
+    from hescape.study import confirm
+
+    params = {"preprocess.expression.method": {"type": "choice", "values": ["none", "harmony"]},
+              "loss.name": {"type": "choice", "values": ["clip", "siglip"]}}
+    cfg = StudyConfig.model_validate({"name": "unit", "sweep": {
+        "searcher": "tpe", "scheduler": "none", "params": params,
+        "objectives": [{"metric": "val/r5_img2gene", "mode": "max"}]}})
+    rng = np.random.default_rng(3)
+    donor = rng.normal(0, 0.03, len(DONORS8))
+    rows, per_donor = [], {}
+
+    def add(phase, p, seed):
+        i = len(rows)
+        shift = 0.08 * (p["preprocess.expression.method"] == "harmony")
+        values = 0.3 + shift + donor + rng.normal(0, 0.01) + rng.normal(0, 0.004, len(donor))
+        rows.append(_row(i, {**p, "train.seed": seed}, {"val/r5_img2gene": 0.5 + shift},
+                         seed=seed, phase=phase))
+        per_donor[f"t{i}"] = _per_donor(values, DONORS8)
+
+    for m, loss in (("none", "clip"), ("harmony", "siglip"), ("harmony", "clip")):
+        add("search", {"preprocess.expression.method": m, "loss.name": loss}, 0)
+    plan = confirm.make_plan(cfg, rows)
+    for point in confirm.plan_points(cfg, plan):
+        seed = point.pop("train.seed")
+        add("confirm", point, seed)
+    return cfg, rows, per_donor, plan
+
+
+def test_the_report_answers_first_from_the_confirm_phase(tmp_path):
+    cfg, rows, per_donor, plan = _confirmed_study()
+    doc, frames = build_report(cfg, rows, out=tmp_path, per_donor=per_donor, plan=plan)
+    md = doc.markdown()
+    first = md.index("\n## ")
+    assert md[first:].startswith("\n## The answer"), "the answer is the first section"
+    answer = _section(md, "## The answer")
+    assert "|" not in answer  # words, before any table
+    method = next(line for line in answer.splitlines() if "`preprocess.expression.method`" in line)
+    assert "**matters**" in method and "controlled, replicated (confirm phase" in method
+    assert "3 seeds per level" in method and "(objective)" in method
+    assert "none vs harmony" in method  # the reference is the searched best's level
+    loss = next(line for line in answer.splitlines() if "`loss.name`" in line)
+    assert "**matters**" not in loss  # no planted effect: no claim
+    effects = frames["effects"]
+    confirm_rows = effects[effects["comparison"] == "controlled"]
+    hm = confirm_rows[confirm_rows["factor"] == "preprocess.expression.method"].iloc[0]
+    assert hm["reference"] == "harmony" and hm["trials"] == "3 vs 3"  # its own sub-experiment
+    assert hm["delta"] == pytest.approx(-0.08, abs=0.02)
+    assert hm["verdict"] == "lower than reference"
+    marginal = effects[effects["comparison"] == "marginal"]
+    assert len(marginal) and set(marginal["verdict"]) == {"needs replicates"}  # kept, labelled
+    assert "### Effects, controlled, replicated comparisons" in md
+    assert "### Effects, marginal comparisons of the search (not controlled)" in md
+
+
+def test_the_answer_gives_no_verdict_from_one_seed(tmp_path):
+    cfg, rows, per_donor = _mixed_study()
+    single = [r for r in rows if r["seed"] == "0"]
+    md = build_report(cfg, single, out=tmp_path, per_donor=per_donor)[0].markdown()
+    answer = _section(md, "## The answer")
+    assert "**no verdict**" in answer and "**matters**" not in answer
+    assert "training-seed variation is unmeasured" in answer and "sweep.confirm" in answer
+    two_seeds = build_report(cfg, rows, out=tmp_path, per_donor=per_donor)[0].markdown()
+    assert "**matters**" in _section(two_seeds, "## The answer")
+
+
 class _Tags(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -293,7 +383,7 @@ def test_write_report_reads_per_donor_tables_and_logs_to_the_parent(tmp_path):
     """trial_table -> per-donor tables (trial dir, else the child run's artifact) -> effects
     -> report/ artifacts on the parent run, against a real MLflow sqlite store."""
     from hescape.study import lineage
-    from hescape.study.report import write_report
+    from hescape.study.report.build import write_report
 
     ref = lineage.open_parent(f"sqlite:///{tmp_path / 'mlflow.db'}", "unit", "unit",
                               resume=False, tags={})
@@ -330,7 +420,9 @@ def test_write_report_reads_per_donor_tables_and_logs_to_the_parent(tmp_path):
     assert {"report/report.html", "report/report.md", "report/effects.csv",
             "report/leaderboard.csv"} <= logged
     html = (out / "report.html").read_text()
-    assert "The encoder" not in html and "higher than reference" in html
+    assert "The encoder" not in html
+    assert effects.loc[0, "verdict"] == "needs replicates"  # one run per level: no verdict
+    assert "needs replicates: run each level with &gt;= 3 seeds" in html
     assert "stopped on its epoch cap (60 of 60 epochs)" in html
 
 
@@ -338,8 +430,8 @@ def test_names_the_report_reads_are_declared_by_the_probe_registry():
     """The report's own names (mutation keys, companions, effect metrics) exist in the
     registry, so a rename there fails here rather than silently blanking the report."""
     from hescape.evaluate.probe_spec import metric_names
-    from hescape.study.report_notes import FALLBACK_NAMES, companions, mixing_figures
-    from hescape.study.report_tables import EFFECT_METRICS
+    from hescape.study.report.notes import FALLBACK_NAMES, companions, mixing_figures
+    from hescape.study.report.tables import EFFECT_METRICS
 
     names = metric_names()
     declared = {m for ms in names.values() for m in ms}
@@ -349,3 +441,35 @@ def test_names_the_report_reads_are_declared_by_the_probe_registry():
                 "test/img/ridge_per_donor_pearson_mean"):
         assert {c.split("/")[-1] for c in companions(key, mixing_figures())} <= declared
     assert {m.split("/")[-1] for m in EFFECT_METRICS} <= declared
+
+
+def test_a_conditional_factor_at_one_value_is_not_a_second_copy_of_its_condition(tmp_path):
+    """``adversary.weight: [0.5]`` swept when the adversary is on: its comparison is the
+    adversary's own, so the effects (and the answer) name the adversary only."""
+    params = {"model.adversary.enabled": {"type": "choice", "values": [False, True]},
+              "model.adversary.weight": {"type": "choice", "values": [0.5],
+                                         "when": {"model.adversary.enabled": [True]}}}
+    cfg = StudyConfig.model_validate({"name": "unit", "sweep": {
+        "searcher": "grid", "scheduler": "none", "params": params,
+        "objectives": [{"metric": "val/r5_img2gene", "mode": "max"}]}})
+    rng = np.random.default_rng(1)
+    rows, per_donor = [], {}
+    for on in (False, True):
+        for seed in range(3):
+            p = {"model.adversary.enabled": on, **({"model.adversary.weight": 0.5} if on else {})}
+            i = len(rows)
+            rows.append(_row(i, {**p, "train.seed": seed}, {"val/r5_img2gene": 0.5}, seed=seed))
+            per_donor[f"t{i}"] = _per_donor(0.3 + rng.normal(0, 0.01, 4))
+    doc, frames = build_report(cfg, rows, out=tmp_path, per_donor=per_donor)
+    assert set(frames["effects"]["factor"]) == {"model.adversary.enabled"}
+    answer = _section(doc.markdown(), "## The answer")
+    assert "`model.adversary.weight`" not in answer
+    assert "levels differing in this factor only" in answer  # one factor: no blocks
+
+
+def test_epoch_cap_warning_names_the_capped_methods_own_setting():
+    from hescape.study.report.notes import _unconverged
+
+    info = {"stopped_on_cap": True, "epochs_run": 400, "max_epochs": 400}
+    assert "`preprocess.expression.drvi.max_epochs`" in _unconverged(info, "drvi")
+    assert "`preprocess.expression.scvi.max_epochs`" in _unconverged(info, "scvi")

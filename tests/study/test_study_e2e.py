@@ -46,7 +46,8 @@ def ray_local():
 def test_tiny_study_end_to_end(tmp_path, ray_local):
     from hescape.study.driver import run_study
 
-    cfg = load_config(TINY, [f"storage_dir={tmp_path}"])
+    cfg = load_config(TINY, [f"storage_dir={tmp_path}", "eval.baselines=true",
+                             "eval.plots=true", "eval.umap_top_trials=1"])
     result = run_study(cfg, source=str(TINY), progress=False)
     client, parent, children = _children(tmp_path, "tiny")
     assert client.get_run(parent).info.status == "FINISHED"
@@ -71,9 +72,26 @@ def test_tiny_study_end_to_end(tmp_path, ray_local):
         assert len(steps) == len(set(steps)), steps  # each step logged once
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "resolved_config.json" in arts
+        # study-constant evaluation is not repeated per trial: the baselines are the parent's
+        assert not [k for k in metrics if "/baseline_" in k], sorted(metrics)
+        assert tags.get("hescape.baseline_key", "").startswith("frozen-")
     assert names == {"clip", "siglip"}
+    parent_metrics = client.get_run(parent).data.metrics
+    assert "test/baseline_frozen/r5_img2gene" not in parent_metrics  # a feature-set probe only
+    for key in ("test/baseline_frozen/label_balanced_accuracy",  # (1 test donor: no mixing)
+                "test/baseline_pca/label_balanced_accuracy"):
+        assert key in parent_metrics, sorted(parent_metrics)
+    assert "baselines" in {a.path for a in client.list_artifacts(parent)}
     report = result.report_dir / "report.md"
-    assert report.exists() and "Leaderboard" in report.read_text()
+    text = report.read_text()
+    assert report.exists() and "Leaderboard" in text
+    assert "vs baselines" in text  # the report still shows the baselines beside the trials
+    # UMAPs are drawn once, at report time, for the best trial only (none in the trials)
+    assert "Held-out embeddings of the best trials" in text
+    drawn = [r for r in children
+             if any(a.path.startswith("eval/umap_") or a.path.startswith("eval/pca_")
+                    for a in client.list_artifacts(r.info.run_id, "eval"))]
+    assert len(drawn) == 1
     assert "report" in {a.path for a in client.list_artifacts(parent)}
     # a second start without --resume is refused (no silent resume of the old Tune run)
     from hescape.config import ConfigError
@@ -167,13 +185,14 @@ def _recording(method, position: int):
 
 
 def test_selection_never_reads_a_test_metric(tmp_path, ray_local, monkeypatch):
-    """A TPE + ASHA + seeds study that leaves ``objectives`` out: the searcher, the scheduler
-    and the seed phase's top-k selection read validation metrics only, although every
+    """A TPE + ASHA + seeds + confirm study that leaves ``objectives`` out: the searcher, the
+    scheduler, the seed phase's top-k selection and the confirm plan's best configuration read
+    validation metrics only, although every
     trial's closing report (and its MLflow run) holds the test metrics (issue 12 item 1)."""
     from ray.tune.schedulers import AsyncHyperBandScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    import hescape.study.report  # noqa: F401 - bound before the patch: the report may read test/
+    import hescape.study.report.build  # noqa: F401 - bound before the patch: the report may read test/
     from hescape.study import results
     from hescape.study.driver import run_study
 
@@ -199,7 +218,9 @@ def test_selection_never_reads_a_test_metric(tmp_path, ray_local, monkeypatch):
     assert "objectives" not in cfg.sweep.model_fields_set  # the default applies
     run_study(cfg, source=str(TINY), progress=False)
     _, _, children = _children(tmp_path, "tiny")
-    assert {r.data.tags["hescape.phase"] for r in children} == {"search", "seeds"}
+    # the confirm phase (on by default after TPE) picks its best configuration from the
+    # same rows: validation metrics only, too
+    assert {r.data.tags["hescape.phase"] for r in children} == {"search", "seeds", "confirm"}
     assert any(k.startswith("test/") for k in _Reads.offered)  # test metrics were at hand
     assert "val/r5_img2gene" in _Reads.log  # the readers were recorded
     assert not [k for k in _Reads.log if k.startswith("test/")], sorted(set(_Reads.log))

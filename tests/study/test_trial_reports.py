@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hescape.study.reporting import FINAL, REPORT_KIND, RESUMED, TRAIN, MissingMetricError
+from hescape.study.tune_reports import FINAL, REPORT_KIND, RESUMED, TRAIN, MissingMetricError
 
 MAX_STEPS, EVAL_EVERY = 6, 3
 
@@ -49,8 +49,8 @@ def study(tmp_path_factory):
     from hescape.config import StudyConfig
     from hescape.data import tiny_dataset
     from hescape.study import lineage
-    from hescape.study.reporting import required_metrics
     from hescape.study.trial import SharedContext
+    from hescape.study.tune_reports import required_metrics
 
     root = tmp_path_factory.mktemp("reports")
     data = tiny_dataset(root / "data", seed=0)
@@ -176,8 +176,20 @@ def test_trial_finished_in_mlflow_resends_its_result(study, fresh):
 
 
 def test_a_report_without_the_objective_fails_the_trial_not_the_study():
-    from hescape.study.reporting import checked
+    from hescape.study.tune_reports import checked
 
     with pytest.raises(MissingMetricError, match=r"val/r5_img2gene"):
         checked({"step": 3.0, "test/r5_img2gene": 0.1}, ["val/r5_img2gene", "step"], kind=TRAIN)
     assert checked({"val/r5_img2gene": 0.1}, ["val/r5_img2gene"], kind=TRAIN)[REPORT_KIND] == TRAIN
+
+
+def test_an_error_pickled_under_the_old_module_path_still_loads():
+    """A study run before ``reporting`` became ``tune_reports`` holds Tune error files that
+    pickled ``hescape.study.reporting.MissingMetricError``; a resume unpickles them."""
+    import pickle
+
+    new = pickle.dumps(MissingMetricError("val/loss missing"), protocol=0)
+    assert b"hescape.study.tune_reports" in new
+    old = new.replace(b"hescape.study.tune_reports", b"hescape.study.reporting")
+    got = pickle.loads(old)
+    assert isinstance(got, MissingMetricError) and str(got) == "val/loss missing"

@@ -117,7 +117,7 @@ def test_nan_loss_stops_with_clear_error(make_cfg, tmp_path):
 def test_embed_split_reproduces_validation_retrieval(make_cfg, tmp_path, tiny_data):
     from hescape.data import load_paired
     from hescape.metrics.retrieval import cross_modal_retrieval
-    from hescape.train.embed import embed_split
+    from hescape.train.trained import embed_split
 
     cfg = make_cfg(max_steps=20, eval_every=10)
     result = fit(cfg, run_dir=tmp_path / "run", verbose=False)

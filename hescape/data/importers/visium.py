@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -144,6 +145,40 @@ def _read_sample(sample: VisiumSample, var_names) -> tuple[AnnData, dict]:
     return adata, scalef
 
 
+UPSAMPLE_WARN = 4.0  # warn when patches are upsampled more than this
+
+
+def _source_px(sample: VisiumSample, scalef: dict, res: Resolution, patch_um: float) -> float:
+    """Side in source-image pixels of a ``patch_um`` patch."""
+    scale = 1.0 if res == "full" else float(scalef.get(f"tissue_{res}_scalef", 1.0))
+    mpp_full = SPOT_DIAMETER_UM / float(scalef["spot_diameter_fullres"])
+    return patch_um / (mpp_full / scale)
+
+
+def _read_all(samples: list[VisiumSample], var_names, res: Resolution) -> list[tuple[AnnData, dict]]:
+    """Read every sample's counts and positions and check its image; every problem of every
+    sample in one DataError."""
+    problems, out = [], []
+    for sample in samples:
+        try:
+            adata, scalef = _read_sample(sample, var_names)
+            img, _ = _image_and_scale(sample, res, scalef)
+            if not Path(img).is_file():
+                raise DataError(f"{img}: H&E image of slide {sample.slide!r} not found")
+            if "spot_diameter_fullres" not in scalef:
+                raise DataError(f"{sample.path}: scalefactors_json.json lacks "
+                                "'spot_diameter_fullres'")
+            out.append((adata, scalef))
+        except DataError as exc:
+            problems.append(f"slide {sample.slide!r}: {exc}")
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"import_visium: {len(problems)} problems:\n" +
+                        "\n".join(f"  - {p}" for p in problems))
+    return out
+
+
 def import_visium(samples: list[VisiumSample] | str | Path, out: str | Path, *,
                   patch_um: float = 100.0, patch_px: int = 224, image_res: Resolution = "full",
                   gene_policy: GenePolicy = "error", var_names: Literal["symbols", "ids"] =
@@ -157,7 +192,17 @@ def import_visium(samples: list[VisiumSample] | str | Path, out: str | Path, *,
         samples = read_sample_sheet(samples)
     if not samples:
         raise DataError("import_visium: no samples given")
-    read = [_read_sample(s, var_names) for s in samples]  # counts + positions only: cheap
+    read = _read_all(samples, var_names, image_res)  # counts + positions only: cheap
+    sides = [_source_px(s, scalef, image_res, patch_um) for s, (_, scalef) in
+             zip(samples, read, strict=True)]
+    for sample, side in zip(samples, sides, strict=True):
+        if side * UPSAMPLE_WARN < patch_px:
+            warnings.warn(
+                f"import_visium: slide {sample.slide!r}: a {patch_um:g} um patch is {side:.0f} px "
+                f"in the {image_res} image and is upsampled to {patch_px} px "
+                f"({patch_px / side:.0f}x): the patches hold little real detail. Import from "
+                "the full-resolution H&E (image_res='full', --image) or lower patch_px",
+                UserWarning, stacklevel=2)
     parts = align_genes({s.slide: a for s, (a, _) in zip(samples, read, strict=True)},
                         gene_policy, source="import_visium")
     adata = concat(parts)
@@ -178,4 +223,5 @@ def import_visium(samples: list[VisiumSample] | str | Path, out: str | Path, *,
             del image
         return writer.commit(adata, split_dict, source="visium", mpp=patch_um / patch_px,
                              extra={"import": {"patch_um": patch_um, "image_res": image_res,
-                                               "gene_policy": gene_policy}})
+                                               "gene_policy": gene_policy,
+                                               "source_px": [round(x, 1) for x in sides]}})

@@ -10,6 +10,7 @@ report kinds (``REPORT_KIND``) let the driver's console callback tell them apart
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from hescape.config import StudyConfig
@@ -21,6 +22,13 @@ TIME_ATTR = "step"  # ASHA counts training steps, not Tune iterations (stable ac
 
 class MissingMetricError(RuntimeError):
     """A report lacks a metric the searcher or scheduler needs."""
+
+
+# This module was ``hescape.study.reporting``. A failed trial's Tune error file (error.pkl)
+# pickles its exception by module path, and a resumed study's result grid unpickles every
+# one: a study run before the rename, with a trial that failed on a missing metric, resumes
+# only if the old path still names this module.
+sys.modules.setdefault("hescape.study.reporting", sys.modules[__name__])
 
 
 def objectives(cfg: StudyConfig) -> tuple[list[str], list[str]]:

@@ -38,7 +38,7 @@ def _slug(text: str) -> str:
 
 def effect_plots(effects: pd.DataFrame, out: Path) -> list[Path]:
     """Per factor: difference to the reference with its 95% CI per level, one panel per
-    metric, protocols side by side (never pooled)."""
+    metric, protocols and designs (controlled / marginal) side by side (never pooled)."""
     if effects.empty:
         return []
     plt = _pyplot()
@@ -47,12 +47,14 @@ def effect_plots(effects: pd.DataFrame, out: Path) -> list[Path]:
         metrics = list(dict.fromkeys(frame["metric"]))[:4]
         fig, axes = plt.subplots(1, len(metrics), figsize=(max(5.0, 3.6 * len(metrics)), 3.4),
                                  squeeze=False)
-        protocols = list(dict.fromkeys(frame["protocol"]))
+        frame = frame.assign(series=frame["protocol"] + (
+            ", " + frame["comparison"] if "comparison" in frame else ""))
+        protocols = list(dict.fromkeys(frame["series"]))
         for ax, metric in zip(axes[0], metrics):
             sub = frame[frame["metric"] == metric]
             levels = list(dict.fromkeys(sub["level"]))
             for j, proto in enumerate(protocols):
-                p = sub[sub["protocol"] == proto].set_index("level").reindex(levels)
+                p = sub[sub["series"] == proto].set_index("level").reindex(levels)
                 x = np.arange(len(levels)) + (j - (len(protocols) - 1) / 2) * 0.2
                 err = np.vstack([p["delta"] - p["ci_low"], p["ci_high"] - p["delta"]])
                 ax.errorbar(x, p["delta"], yerr=np.nan_to_num(err), fmt="o", capsize=4,

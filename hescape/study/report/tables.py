@@ -1,6 +1,6 @@
 """The study report's tables: leaderboard, ablation (mean ± sd per level), contrastive vs
 baselines, Pareto front, factor effects with CIs. They take ``trial_table`` rows; pass
-the rows of ONE protocol (see ``report_notes.by_protocol``) to anything that ranks."""
+the rows of ONE protocol (see ``notes.by_protocol``) to anything that ranks."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 
 from hescape.config import StudyConfig, get_path
-from hescape.study import report_notes as notes
-from hescape.study.effects import (
+from hescape.study.confirm import membership
+from hescape.study.report import notes
+from hescape.study.report.effects import (
     EFFECT_COLUMNS,
-    BootstrapSettings,
+    EffectSettings,
     factor_effects,
     level_labels,
     level_order,
@@ -24,6 +25,7 @@ from hescape.study.space import SEED_KEY
 KEY_METRICS = notes.FALLBACK_HEADLINE
 EFFECT_METRICS = ("r5_img2gene", "r5_gene2img", "img/ridge_per_donor_pearson_mean",
                   "bleep_pearson_mean")
+SEARCHERS = ("tpe", "random")  # their trials compare levels marginally, whatever matched
 MAX_COLUMNS = 10  # headline metrics shown in the leaderboard / ablation tables
 
 
@@ -188,6 +190,14 @@ def sweep_structure(cfg: StudyConfig) -> tuple[dict[str, Any], dict[str, set[str
     return base, linked
 
 
+def _shadow_factors(cfg: StudyConfig) -> set[str]:
+    """Conditional factors swept at one value (e.g. ``adversary.weight: [0.5]`` when the
+    adversary is on): their "(base) vs value" comparison is their condition's, row for row."""
+    params = cfg.sweep.params if cfg.sweep else {}
+    return {k for k, p in params.items()
+            if p.when and p.type == "choice" and len(p.values or []) == 1}
+
+
 def effect_metrics(per_donor: dict[str, pd.DataFrame]) -> list[str]:
     """Per-donor metrics to test: the preferred ones present, else the first four."""
     present = sorted({m for t in per_donor.values() for m in t["metric"].unique()})
@@ -196,20 +206,47 @@ def effect_metrics(per_donor: dict[str, pd.DataFrame]) -> list[str]:
 
 
 def effect_table(rows: list[dict[str, Any]], per_donor: dict[str, pd.DataFrame],
-                 cfg: StudyConfig, settings: BootstrapSettings) -> pd.DataFrame:
-    """Factor effects per protocol (a ``protocol`` column first)."""
+                 cfg: StudyConfig, settings: EffectSettings,
+                 plan: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Factor effects per protocol (a ``protocol`` column first).
+
+    ``plan``: the confirm phase's plan (``confirm.read_plan``). With it, the confirm trials
+    are analysed per factor on that factor's own sub-experiment (``confirm.membership``)
+    against the searched best configuration's level; the other trials (search, seeds)
+    against the base config's level, as marginal or paired comparisons."""
     base, linked = sweep_structure(cfg)
     metrics = effect_metrics(per_donor)
-    parts = [factor_effects(finished(group), per_donor, metrics=metrics, base=base,
-                            linked=linked, settings=settings).assign(protocol=proto)
-             for proto, group in notes.by_protocol(rows).items()]
+    parts = []
+    for proto, group in notes.by_protocol(rows).items():
+        done = finished(group)
+        confirm = [r for r in done if r.get("phase") == "confirm"] if plan else []
+        other = [r for r in done if not (plan and r.get("phase") == "confirm")]
+        if cfg.sweep is not None and cfg.sweep.searcher in SEARCHERS:  # what TPE chose
+            other = [r if r.get("design") or r.get("phase") == "confirm"
+                     else {**r, "design": "marginal"} for r in other]
+        if other:
+            parts.append(factor_effects(other, per_donor, metrics=metrics, base=base,
+                                        linked=linked, settings=settings).assign(protocol=proto))
+        if confirm and plan is not None:
+            best = plan.get("best") or {}
+            members = {f: {r["trial_id"] for r in rs}
+                       for f, rs in membership(cfg, plan, confirm).items()}
+            confirm_base = {f: best.get(f) for f in members}
+            parts.append(factor_effects(confirm, per_donor, metrics=metrics, base=confirm_base,
+                                        linked=linked, settings=settings, members=members)
+                         .assign(protocol=proto))
     frames = [p for p in parts if len(p)]
+    shadows = _shadow_factors(cfg)
+    frames = [f[~f["factor"].isin(shadows)] for f in frames]
+    frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame(columns=["protocol", *EFFECT_COLUMNS])
     return pd.concat(frames, ignore_index=True)[["protocol", *EFFECT_COLUMNS]]
 
 
 def fmt_effects(df: pd.DataFrame) -> pd.DataFrame:
+    """The effects table as the report shows it: the verdict followed by what would give one
+    (``needs``) where there is no claim."""
     def ci(r) -> str:
         if not np.isfinite(r["delta"]):
             return ""
@@ -217,10 +254,17 @@ def fmt_effects(df: pd.DataFrame) -> pd.DataFrame:
             return f"{r['delta']:+.3f} (no CI)"
         return f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
 
+    def verdict(r) -> str:
+        needs = r.get("needs")
+        if not isinstance(needs, str) or not needs or str(r["verdict"]).startswith("no CI"):
+            return str(r["verdict"])
+        return f"{r['verdict']}: {needs}"
+
     out = df[["factor", "level", "reference", "metric"]].copy()
     out["difference [95% CI]"] = df.apply(ci, axis=1)
-    out["verdict"] = df["verdict"]
+    out["verdict"] = df.apply(verdict, axis=1) if len(df) else df["verdict"]
     out["donors"] = df["n_donors"]
+    out["seeds"] = df["n_seeds"] if "n_seeds" in df else ""
     out["trials"] = df["trials"]
     out["design"] = df["design"]
     return out

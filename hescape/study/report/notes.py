@@ -184,8 +184,10 @@ def reading_guide(keys: set[str], primary: str) -> list[str]:
     ]
     out += [text for pattern, text in _GLOSSARY if any(re.search(pattern, m) for m in metrics)]
     out.append("Factor effects: difference to the reference level on the held-out (test) "
-               "donors with a 95% donor-bootstrap CI; \"not distinguishable\" where the CI "
-               "covers 0. They describe the trials run here, not a population of studies.")
+               "donors with a 95% interval over donors and training seeds; \"not "
+               "distinguishable\" where it covers 0, \"needs replicates\" (no verdict) where "
+               "a level ran once and seed variation is unmeasured. They describe the "
+               "configurations run here, not a population of studies.")
     return out
 
 
@@ -215,7 +217,8 @@ def _unconverged(info: dict[str, Any], method: str) -> str | None:
         return (f"stopped on its epoch cap ({info.get('epochs_run', '?')} of "
                 f"{info.get('max_epochs', '?')} epochs) before early stopping fired: it may not "
                 "have converged, so comparing it with converged corrections is unfair. Raise "
-                "`preprocess.expression.scvi.max_epochs` (null = scvi-tools' own rule).")
+                f"`preprocess.expression.{method if method in ('scvi', 'drvi') else 'scvi'}"
+                ".max_epochs` (null = scvi-tools' own rule).")
     if info.get("converged") is False:
         what = "Harmony" if method == "harmony" else "it"
         return (f"did not converge ({what} hit its iteration limit): its corrected space is "
