@@ -187,6 +187,10 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(20, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0.0)
     eval_every: int = Field(50, ge=1)
+    log_every: Optional[int] = Field(
+        None, ge=1, description="training steps per learning-curve point in MLflow (means of "
+        "the training losses over the window; sent with the next evaluation's report); null "
+        "= eval_every // 10, at least 1")
     early_stop_patience: Optional[int] = Field(None, ge=1, description="evaluations")
     best_metric: SelectionMetric = "val/r5_img2gene"
     best_mode: Literal["max", "min"] = "max"

@@ -72,7 +72,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(f"report: {result.report_dir}/report.md")
     from hescape.study.lineage import dashboard_hint
 
-    print(f"dashboard: {dashboard_hint(result.tracking_uri, result.parent_run_id)}")
+    order_by = cfg.sweep.objectives[0].metric if cfg.sweep and cfg.sweep.objectives else None
+    print(f"dashboard: {dashboard_hint(result.tracking_uri, result.parent_run_id, order_by=order_by)}"
+          "  (docs/dashboard.md: the three clicks to the study's answer)")
     return 0
 
 

@@ -4,8 +4,9 @@ one concise console line per trial event.
 A trial closes its own run when it finishes or raises. It cannot say why when it is stopped
 from outside: the early-stopping scheduler (ASHA or MO-ASHA) stops it, its worker process
 dies, or Ray kills its actor. ``MlflowCloser``
-runs in the driver and records that (KILLED or FAILED, with the reason), so the dashboard
-never shows a trial RUNNING forever. ``ConsoleProgress`` replaces Tune's status tables
+runs in the driver and records that (a scheduler's stop: FINISHED tagged ``hescape.outcome``
+"stopped early", so it does not read as a failure; an error: FAILED with the reason), so the
+dashboard never shows a trial RUNNING forever. ``ConsoleProgress`` replaces Tune's status tables
 (``--verbose`` brings them back) with lines such as::
 
     [search 3/12 1a2b3c4d] started: loss.name=clip train.lr=0.00201
@@ -24,7 +25,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from hescape.study import lineage
+from hescape.study import lineage, run_view
 from hescape.study.tune_reports import FINAL, REPORT_KIND, RESUMED, TIME_ATTR, TRAIN
 
 # Set by the driver's SIGINT/SIGTERM handler before it raises KeyboardInterrupt. The raise
@@ -67,11 +68,14 @@ class MlflowCloser(Callback):
         if not stopped_by_scheduler(trial):
             return  # the trial closed its run itself (FINISHED)
         run = lineage.find_child(self.ref, trial.trial_id)
-        if run is not None and run.info.status != "FINISHED":
+        if run is not None and run_view.outcome(run.info.status,
+                                                run.data.tags) != run_view.COMPLETED:
+            # FINISHED, tagged "stopped early": a scheduler's stop is an outcome of the
+            # search, not a failure (the dashboard's red cross); run_view says how it reads
             step = int(trial.last_result.get(TIME_ATTR, 0))
-            lineage.finish_run(self.ref, run.info.run_id, "KILLED",
-                               error=f"stopped early by the scheduler ({self._name()}) "
-                                     f"at step {step}")
+            by = f"{self._name()} at step {step}"
+            lineage.finish_run(self.ref, run.info.run_id, "FINISHED",
+                               tags=run_view.outcome_tags(run_view.STOPPED, stopped_by=by))
 
     def _name(self) -> str:
         return scheduler_name(getattr(self, "scheduler", "asha"))  # older pickles: ASHA
@@ -81,7 +85,8 @@ class MlflowCloser(Callback):
         for run in lineage.child_runs(self.ref, status="RUNNING"):
             if run.data.tags.get(lineage.TAG_TRIAL) == trial.trial_id:
                 lineage.finish_run(self.ref, run.info.run_id, "FAILED",
-                                   error=f"trial errored: {reason}")
+                                   error=f"trial errored: {reason}",
+                                   tags=run_view.outcome_tags(run_view.FAILED))
 
 
 class ConsoleProgress(Callback):

@@ -279,6 +279,7 @@ def run_study(
     previous = _install_signal_handlers()
     try:
         lineage.log_dataset(ref, ref.parent_run_id, paired)  # MLflow's Dataset column, filters
+        lineage.log_params(ref, ref.parent_run_id, base)  # the study's config; children: levels
         if resume:
             n = lineage.close_orphans(ref, status="KILLED", reason="driver stopped; closed on resume")
             if n:

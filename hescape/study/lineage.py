@@ -20,12 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from hescape.study import run_view
 from hescape.tracking import (
     ARTIFACT_LOCATION_ENV,
     flatten,
@@ -304,10 +306,15 @@ def log_dataset(ref: LineageRef, run_id: str, paired: Any) -> None:
     with_retry(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
-def log_params(ref: LineageRef, run_id: str, config: dict[str, Any]) -> None:
-    """Flattened, secret-scrubbed params (MLflow caps values at 6000 chars)."""
+def log_params(ref: LineageRef, run_id: str, config: dict[str, Any],
+               base: dict[str, Any] | None = None) -> None:
+    """Flattened, secret-scrubbed params (MLflow caps values at 6000 chars). With ``base``
+    (the study's config, logged whole on the parent run), only what a child run shows:
+    ``run_view.child_params``."""
     client = MlflowClient(ref.tracking_uri)
     flat = scrub_params(flatten(config))
+    if base is not None:
+        flat = run_view.child_params(flat, scrub_params(flatten(base)))
     existing = with_retry(lambda: client.get_run(run_id)).data.params
     from mlflow.entities import Param
 
@@ -337,11 +344,23 @@ def log_artifacts(ref: LineageRef, run_id: str, paths: dict[str, Path], subdir: 
             with_retry(lambda p=path: client.log_artifact(run_id, str(p), artifact_path=subdir))
 
 
-def dashboard_hint(tracking_uri: str, run_id: str, *, port: int = 5000) -> str:
-    """How to open ``run_id``'s experiment in the MLflow UI (training view), as one line."""
+def dashboard_page(experiment_id: str, order_by: str | None = None) -> str:
+    """The UI page of an experiment's runs in the training view, sorted by the metric
+    ``order_by`` (descending) when given: MLflow keeps ``orderByKey`` in the page URL."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if order_by:
+        key = urllib.parse.quote(f"metrics.`{order_by}`", safe="")
+        page += f"&orderByKey={key}&orderByAsc=false"
+    return page
+
+
+def dashboard_hint(tracking_uri: str, run_id: str, *, port: int = 5000,
+                   order_by: str | None = None) -> str:
+    """How to open ``run_id``'s experiment in the MLflow UI (training view, sorted by the
+    metric ``order_by``), as one line."""
     client = MlflowClient(tracking_uri)
     exp_id = with_retry(lambda: client.get_run(run_id)).info.experiment_id
-    page = f"#/experiments/{exp_id}?workflowType=machine_learning"
+    page = dashboard_page(exp_id, order_by)
     if tracking_uri.partition("://")[0].lower() in ("http", "https"):
         return f"{tracking_uri.rstrip('/')}/{page}"
     prefix, suffix = "sqlite:///", "/mlflow.db"
@@ -353,11 +372,15 @@ def dashboard_hint(tracking_uri: str, run_id: str, *, port: int = 5000) -> str:
             f"MLflow), page /{page}")
 
 
-def finish_run(ref: LineageRef, run_id: str, status: str, *, error: str | None = None) -> None:
-    """Close a run with FINISHED/FAILED/KILLED; the error text goes in a tag."""
+def finish_run(ref: LineageRef, run_id: str, status: str, *, error: str | None = None,
+               tags: dict[str, str] | None = None) -> None:
+    """Close a run with FINISHED/FAILED/KILLED; the error text goes in a tag, ``tags`` (the
+    outcome: ``hescape.study.run_view``) are set first."""
     client = MlflowClient(ref.tracking_uri)
     if error:
         with_retry(lambda: client.set_tag(run_id, "hescape.error", error[:4500]))
+    for key, value in (tags or {}).items():
+        with_retry(lambda k=key, v=value: client.set_tag(run_id, k, v))
     with_retry(lambda: client.set_terminated(run_id, status=status))
 
 
@@ -365,7 +388,8 @@ def close_orphans(ref: LineageRef, *, status: str = "KILLED", reason: str) -> in
     """Close every child still RUNNING (the driver or its trial died with it open)."""
     n = 0
     for run in child_runs(ref, status="RUNNING"):
-        finish_run(ref, run.info.run_id, status, error=reason)
+        finish_run(ref, run.info.run_id, status, error=reason,
+                   tags=run_view.outcome_tags(run_view.INTERRUPTED))
         n += 1
     return n
 
@@ -377,6 +401,7 @@ __all__ = [
     "child_runs",
     "close_orphans",
     "dashboard_hint",
+    "dashboard_page",
     "dataset_inputs",
     "entry_point",
     "find_child",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,9 +12,10 @@ from typing import Any
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from hescape.study import lineage
+from hescape.study import lineage, run_view
 
 PER_DONOR = "eval/per_donor.csv"  # under the trial directory and the child run's artifacts
+EVAL_METRICS = "eval/metrics.json"  # the whole evaluation (the run shows a subset)
 PER_DONOR_COLUMNS = ("metric", "donor", "value", "n")
 
 
@@ -31,20 +33,33 @@ def check_per_donor(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     return out
 
 
-def trial_table(ref: lineage.LineageRef, *, phase: str | None = None) -> list[dict[str, Any]]:
-    """One row per child run: ids, status, sweep params, final metrics, tags."""
+def trial_table(ref: lineage.LineageRef, *, phase: str | None = None,
+                study_dir: Path | None = None) -> list[dict[str, Any]]:
+    """One row per child run: ids, status, sweep params, final metrics, tags.
+
+    ``status`` is the run's, except that a run the scheduler stopped early reads ``KILLED``
+    (MLflow shows it FINISHED, tagged ``hescape.outcome``: ``run_view``); ``outcome`` says
+    which. With ``study_dir``, a completed trial's metrics are its full evaluation
+    (``trials/<id>/eval/metrics.json``, else the run's artifact of that name) over what the
+    run shows in MLflow (the dashboard's subset)."""
     rows = []
     for run in lineage.child_runs(ref):
         tags = run.data.tags
         if phase and tags.get("hescape.phase") != phase:
             continue
         sweep = _json(tags.get("hescape.sweep_params"))
+        status = run_view.row_status(run.info.status, tags)
+        metrics = dict(run.data.metrics)
+        if study_dir is not None and status == "FINISHED":
+            metrics = {**full_evaluation(ref, Path(study_dir), tags.get(lineage.TAG_TRIAL, ""),
+                                         run.info.run_id), **metrics}
         rows.append(
             {
                 "run_id": run.info.run_id,
                 "trial_id": tags.get(lineage.TAG_TRIAL, ""),
                 "name": tags.get(lineage.TAG_RUN_NAME, ""),
-                "status": run.info.status,
+                "status": status,
+                "outcome": run_view.outcome(run.info.status, tags),
                 "phase": tags.get("hescape.phase", ""),
                 "config_id": tags.get("hescape.config_id", ""),
                 "seed": tags.get("hescape.seed", ""),
@@ -59,11 +74,40 @@ def trial_table(ref: lineage.LineageRef, *, phase: str | None = None) -> list[di
                 "error": tags.get("hescape.error", ""),
                 "sweep_params": sweep,
                 "params": dict(run.data.params),
-                "metrics": dict(run.data.metrics),
+                "metrics": metrics,
             }
         )
     rows.sort(key=lambda r: r["trial_id"])
     return rows
+
+
+def full_evaluation(ref: lineage.LineageRef, study_dir: Path, trial_id: str,
+                    run_id: str) -> dict[str, float]:
+    """A completed trial's whole evaluation: ``<study_dir>/trials/<id>/eval/metrics.json``,
+    else the run's ``eval/metrics.json`` artifact; {} when neither is readable."""
+    path = Path(study_dir) / "trials" / trial_id / EVAL_METRICS
+    try:
+        if path.is_file():
+            return _numbers(json.loads(path.read_text()))
+        client = lineage.MlflowClient(ref.tracking_uri)
+        folder = EVAL_METRICS.rsplit("/", 1)[0]
+        listed = {a.path for a in lineage.with_retry(lambda: client.list_artifacts(run_id,
+                                                                                   folder))}
+        if EVAL_METRICS not in listed:
+            return {}
+        with tempfile.TemporaryDirectory() as tmp:
+            local = lineage.with_retry(lambda: client.download_artifacts(run_id, EVAL_METRICS,
+                                                                         tmp))
+            return _numbers(json.loads(Path(local).read_text()))
+    except (OSError, ValueError, MlflowException):
+        return {}
+
+
+def _numbers(values: Any) -> dict[str, float]:
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): float(v) for k, v in values.items()  # finite, as MLflow keeps them
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def metric_history(ref: lineage.LineageRef, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hescape.config import StudyConfig
-from hescape.study import baselines, lineage, stacking
+from hescape.study import baselines, lineage, run_view, stacking
 from hescape.study.resume import TrialProgress, mark_evaluation_logged, read_progress
 from hescape.study.space import SEED_KEY, apply_params, config_id
 from hescape.study.tune_reports import (
@@ -93,15 +93,16 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
     cfg = resolve_trial_config(shared, params)
     run_dir = Path(shared.study_dir) / "trials" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{trial_id} {config_id(params)} seed={params.get(SEED_KEY, cfg.train.seed)}"
-    if cfg.data.fold is not None:
-        name += f" fold={cfg.data.fold}"
+    space = (shared.base.get("sweep") or {}).get("params") or {}
+    name = run_view.run_name(trial_id, params, run_view.swept_keys(space),
+                             seed=params.get(SEED_KEY, cfg.train.seed), fold=cfg.data.fold)
     ref = shared.lineage
     required = required_metrics(cfg)
     existing = lineage.find_child(ref, trial_id)
-    if existing is not None and existing.info.status == "FINISHED":
+    if existing is not None and existing.info.status == "FINISHED" and run_view.outcome(
+            existing.info.status, existing.data.tags) == run_view.COMPLETED:
         # completed before the driver stopped: send its result again, do not re-run
-        tune.report(checked(cached_report(existing), required, kind=FINAL))
+        tune.report(checked(cached_report(existing, run_dir), required, kind=FINAL))
         return
     handle, inputs = None, None
     if stacking.stacking(cfg):  # trained (and evaluated) by its stack's service
@@ -111,12 +112,14 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
         facts = inputs.facts()
     run_id = lineage.open_child(ref, trial_id, existing=existing, name=name[:250],
                                 tags=_trial_tags(shared, cfg, params, facts))
-    if existing is not None and "hescape.error" in existing.data.tags:  # running again
+    if existing is not None:  # running again: drop how it ended before
         client = lineage.MlflowClient(ref.tracking_uri)
-        lineage.with_retry(lambda: client.delete_tag(run_id, "hescape.error"))
+        for key in ("hescape.error", run_view.TAG_OUTCOME, run_view.TAG_STOPPED_BY):
+            if key in existing.data.tags:
+                lineage.with_retry(lambda k=key: client.delete_tag(run_id, k))
     logged = int((existing.data.metrics if existing is not None else {}).get("step", 0))
     trial = _Trial(cfg, ref, run_id, run_dir, shared.phase, shared.verbose, required, logged,
-                   shared.study_baselines)
+                   shared.study_baselines, shared.base)
     try:
         if handle is not None:
             result = _stacked_train_and_evaluate(trial, shared, trial_id)
@@ -124,15 +127,20 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
             result = _train_and_evaluate(trial, inputs)
     except SystemExit as exc:  # Tune stops a trial (ASHA, end of run) by exiting in tune.report
         if exc.code not in (0, None):
-            lineage.finish_run(ref, run_id, "FAILED", error=f"SystemExit: {exc.code}")
-            raise
-        lineage.finish_run(ref, run_id, "KILLED")  # the driver's MlflowCloser says why
+            lineage.finish_run(ref, run_id, "FAILED", error=f"SystemExit: {exc.code}",
+                               tags=run_view.outcome_tags(run_view.FAILED))
+        else:  # the scheduler stopped it (the driver's MlflowCloser adds which, at what
+            # step). A Ctrl-C'd driver stops its trials the same way: --resume re-runs those
+            # (a stopped run is reattached, not re-sent as a result)
+            lineage.finish_run(ref, run_id, "FINISHED",
+                               tags=run_view.outcome_tags(run_view.STOPPED))
         raise
     except BaseException as exc:  # noqa: BLE001 - record every failure, then re-raise to Tune
-        lineage.finish_run(ref, run_id, "FAILED", error=f"{type(exc).__name__}: {exc}")
+        lineage.finish_run(ref, run_id, "FAILED", error=f"{type(exc).__name__}: {exc}",
+                           tags=run_view.outcome_tags(run_view.FAILED))
         (run_dir / "error.txt").write_text(traceback.format_exc())
         raise
-    lineage.finish_run(ref, run_id, "FINISHED")
+    lineage.finish_run(ref, run_id, "FINISHED", tags=run_view.outcome_tags(run_view.COMPLETED))
     tune.report(checked(result, required, kind=FINAL))
 
 
@@ -234,10 +242,20 @@ class _Trial:
     required: list[str]
     logged_step: int  # the last step already in MLflow (a reattached run)
     study_baselines: bool = False  # the study evaluates the baselines (not this trial)
+    base: dict[str, Any] | None = None  # the study's config (its params are on the parent)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        log_metrics_retry(lineage.MlflowClient(self.ref.tracking_uri), self.run_id, metrics,
-                          step=step)
+        """Log what the dashboard shows (``run_view.mlflow_metrics``) at ``step``; the full
+        evaluation is the run's ``eval/metrics.json`` artifact."""
+        log_metrics_retry(lineage.MlflowClient(self.ref.tracking_uri), self.run_id,
+                          run_view.mlflow_metrics(metrics, self.required), step=step)
+
+    def log_curve(self, points: list[tuple[int, dict[str, float]]]) -> None:
+        """The training means between evaluations (``train.log_every``), each at its step."""
+        client = lineage.MlflowClient(self.ref.tracking_uri)
+        for step, values in points:
+            log_metrics_retry(client, self.run_id, run_view.mlflow_metrics(
+                finite_metrics(values), self.required), step=int(step))
 
 
 def _train_and_evaluate(trial: _Trial, inputs: TrialInputs) -> dict[str, Any]:
@@ -247,7 +265,7 @@ def _train_and_evaluate(trial: _Trial, inputs: TrialInputs) -> dict[str, Any]:
     from hescape.train.inputs import train_inputs
 
     cfg, ref = trial.cfg, trial.ref
-    lineage.log_params(ref, trial.run_id, cfg.model_dump())
+    lineage.log_params(ref, trial.run_id, cfg.model_dump(), base=trial.base)
     lineage.log_json_artifact(ref, trial.run_id, cfg.model_dump(), "resolved_config.json")
     progress = read_progress(trial.run_dir, cfg)
     if progress.step > 0:
@@ -272,9 +290,17 @@ def _report_training(trial: _Trial, metrics: dict[str, Any]) -> None:
     none (a second copy of each, and its restore point can lag the newest one)."""
     from ray import tune
 
+    from hescape.train.validate import CURVE_KEY
+
     clean = finite_metrics(metrics)
     step = int(metrics.get("step", 0))
-    trial.log(clean, step)
+    points = [(int(s), dict(v)) for s, v in metrics.get(CURVE_KEY) or []]
+    logged = dict(clean)
+    if points and points[-1][0] == step:  # the curve's point at this step replaces the
+        for key in points[-1][1]:         # report's means over the whole evaluation window
+            logged.pop(key, None)
+    trial.log_curve(points)
+    trial.log(logged, step)
     maybe_kill_driver("report", step=step, phase=trial.phase)  # tests only (HESCAPE_FAULT_*)
     tune.report(checked(clean, trial.required, kind=TRAIN))
 
@@ -331,7 +357,7 @@ def _stacked_train_and_evaluate(trial: _Trial, shared: Any, name: str) -> dict[s
     import ray
 
     cfg, ref = trial.cfg, trial.ref
-    lineage.log_params(ref, trial.run_id, cfg.model_dump())
+    lineage.log_params(ref, trial.run_id, cfg.model_dump(), base=trial.base)
     lineage.log_json_artifact(ref, trial.run_id, cfg.model_dump(), "resolved_config.json")
     progress = read_progress(trial.run_dir, cfg)
     if progress.step > 0:

@@ -9,8 +9,10 @@ report kinds (``REPORT_KIND``) let the driver's console callback tell them apart
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 from hescape.config import StudyConfig
@@ -89,7 +91,16 @@ def final_report(last_train: dict[str, Any], evaluated: dict[str, float]) -> dic
     return {**finite_metrics(last_train), **evaluated, "done": 1.0}
 
 
-def cached_report(run: Any) -> dict[str, Any]:
+def cached_report(run: Any, run_dir: Path | None = None) -> dict[str, Any]:
     """The closing report of a trial that already FINISHED in MLflow (a resumed study):
-    the latest value of every metric it logged, i.e. last training report + evaluation."""
-    return {**finite_metrics(dict(run.data.metrics)), "done": 1.0}
+    the latest value of every metric it logged, i.e. last training report + evaluation,
+    with the full evaluation (``<run_dir>/eval/metrics.json``: the run itself shows only
+    the dashboard's subset, ``run_view.mlflow_metrics``) where the trial directory has it."""
+    full: dict[str, Any] = {}
+    path = None if run_dir is None else Path(run_dir) / "eval" / "metrics.json"
+    if path is not None and path.is_file():
+        try:
+            full = json.loads(path.read_text())
+        except (OSError, ValueError):
+            full = {}
+    return {**finite_metrics(full), **finite_metrics(dict(run.data.metrics)), "done": 1.0}

@@ -39,7 +39,7 @@ from hescape.train.features import frozen_image_encoder
 from hescape.train.inputs import TrainInputs, load_train_inputs, make_train_loader
 from hescape.train.schedule import get_lr
 from hescape.train.session import current_session
-from hescape.train.validate import RunningMeans, validate
+from hescape.train.validate import CURVE_KEY, RunningMeans, curve_every, validate
 
 
 class TrainingError(ValueError):
@@ -96,6 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = iterate_batches(loader, sampler, start_step=state.step)
 
     running, t_last = RunningMeans(), time.perf_counter()
+    window, curve, every = RunningMeans(), [], curve_every(tc)  # learning-curve points
     net.train()  # once here and after each validation (train() walks every module)
     for step in range(state.step, tc.max_steps):
         # ---- one optimisation step
@@ -117,6 +118,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.step()
         model.clamp_logit_scale_()  # keep the temperature learnable (see TwoTower)
         running.add(out, batch["donor"], loss=loss, contrastive=contrastive, adv=adv_loss)
+        window.add(out, batch["donor"], loss=loss, contrastive=contrastive, adv=adv_loss)
+        if (step + 1) % every == 0:  # no device sync here: means are read at the report
+            curve.append((step + 1, lr, window))
+            window = RunningMeans()
 
         # ---- every eval_every steps: validate, checkpoint (rank 0 writes), report (all)
         done = step + 1 == tc.max_steps
@@ -127,8 +132,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "train/lr": lr, "train/adv_weight": adv,
                    "train/steps_per_s": running.count / max(train_time, 1e-9),
                    **running.means(), **validate(model, data, cfg, compute=compute),
-                   **peak_memory(device)}
-        running = RunningMeans()
+                   **peak_memory(device),
+                   CURVE_KEY: [[s, {**w.means(), "train/lr": r}] for s, r, w in curve]}
+        running, curve = RunningMeans(), []
         net.train()  # validate() left the model in eval mode
         stop = record_evaluation(state, metrics, cfg, done=done)
         ckpt = None
@@ -301,7 +307,7 @@ def checkpoint_meta(data: TrainInputs, step: int, metrics: dict[str, Any]) -> di
             "donor_names": data.train_donors, "feature_names": data.feature_names,
             "preprocess_cache_key": data.prep_key, "data_path": str(data.paired.path),
             "fingerprint": data.paired.fingerprint, "features_path": data.features_path,
-            "metrics": {k: float(v) for k, v in metrics.items()}}
+            "metrics": {k: float(v) for k, v in metrics.items() if k != CURVE_KEY}}
 
 
 def format_progress(metrics: dict[str, Any], best_metric: str) -> str:

@@ -105,7 +105,12 @@ from hescape.train.session import LocalSession
 from hescape.train.stack_key import key_difference, plan_groups, stack_key, stack_problem
 from hescape.train.stack_model import HeadStack, stacked_loss
 from hescape.train.stack_optim import StackedAdamW, make_adamw
-from hescape.train.validate import validation_inputs, validation_metrics
+from hescape.train.validate import (
+    CURVE_KEY,
+    curve_every,
+    validation_inputs,
+    validation_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +237,7 @@ class _Slot:
     lr: float = 0.0
     adv: float = 0.0
     train_s: float = 0.0
+    curve: list = field(default_factory=list)  # learning-curve points since its last report
     status: Status | None = None
     error: BaseException | None = None
     _epoch: int = -1
@@ -381,6 +387,7 @@ class StackedTrainer:
                 self.optim = StackedAdamW(self.stack)
                 self.template_opt = make_adamw(model, 1.0, tc.lr)
                 self.running = StackedRunning(list(model.adversaries.keys()))
+                self.window = StackedRunning(list(model.adversaries.keys()))  # curve points
                 self.active: list[_Slot] = []
             found = session.resume_checkpoint()
             with found as path:
@@ -449,6 +456,7 @@ class StackedTrainer:
         self.stack.append([s.row for s in slots])
         self.optim.append([s.moments for s in slots])
         self.running.append(len(slots))
+        self.window.append(len(slots))
         for s in slots:
             s.row = s.moments = None
         self.active += slots
@@ -491,6 +499,11 @@ class StackedTrainer:
         self.optim.step([s.lr for s in active], [s.cfg.train.weight_decay for s in active])
         self.stack.clamp_logit_scale_()
         self.running.add(out, donors, losses.loss, losses.contrastive, losses.adv)
+        self.window.add(out, donors, losses.loss, losses.contrastive, losses.adv)
+        for k, s in enumerate(active):  # the loop's learning-curve points, per member
+            if (step + 1) % curve_every(s.cfg.train) == 0:
+                s.curve.append([step + 1, {**self.window.means(k), "train/lr": s.lr}])
+                self.window.reset(k)
         seconds = time.perf_counter() - t0
         self.timings["train_s"] += seconds
         for s in active:
@@ -550,8 +563,9 @@ class StackedTrainer:
         metrics = {"step": step, "epoch": step / slot.sampler.batches_per_epoch(),
                    "train/lr": slot.lr, "train/adv_weight": slot.adv,
                    "train/steps_per_s": int(self.running.count[k]) / max(slot.train_s, 1e-9),
-                   **self.running.means(k)}
+                   **self.running.means(k), CURVE_KEY: slot.curve}
         self.running.reset(k)
+        slot.curve = []
         slot.train_s = 0.0
         pool = self._validation_pool()
         with slot.global_rng(self.device):
@@ -619,6 +633,7 @@ class StackedTrainer:
         self.stack.select(keep)
         self.optim.select(keep)
         self.running.select(keep)
+        self.window.select(keep)
         self.active = [self.active[i] for i in keep]
 
     def _fail(self, slot: _Slot, exc: BaseException) -> None:

@@ -19,6 +19,14 @@ from hescape.train.val_objectives import objective_inputs, objective_metrics, re
 PROBE_MAX_ROWS = 2000
 
 
+CURVE_KEY = "train_curve"  # a report's learning-curve points: [[step, {train/...: mean}], ...]
+
+
+def curve_every(tc: Any) -> int:
+    """Steps per learning-curve point (``train.log_every``; default ``eval_every // 10``)."""
+    return tc.log_every or max(1, tc.eval_every // 10)
+
+
 class RunningMeans:
     """Means of the training-step scalars between two evaluations (no per-step sync)."""
 

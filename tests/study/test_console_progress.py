@@ -147,8 +147,9 @@ def test_step_lines_for_long_silent_work():
 
 @pytest.mark.parametrize(("scheduler", "name"), [("asha", "ASHA"), ("moasha", "MO-ASHA")])
 def test_a_stopped_trial_names_the_scheduler_in_use(tmp_path, scheduler, name):
-    """MO-ASHA's stops read "stopped by MO-ASHA" on the console and in the child run's KILLED
-    reason (a real sqlite MLflow store), not "ASHA"."""
+    """MO-ASHA's stops read "stopped by MO-ASHA" on the console and in the child run's
+    ``hescape.stopped_by`` tag (a real sqlite MLflow store), not "ASHA"; the run ends FINISHED
+    with the outcome "stopped early", so the dashboard does not show it as a failure."""
     from mlflow.tracking import MlflowClient
 
     from hescape.study import lineage
@@ -167,5 +168,11 @@ def test_a_stopped_trial_names_the_scheduler_in_use(tmp_path, scheduler, name):
     assert out.getvalue().splitlines() == [
         f"[search 5/12 5e6f7a8b] stopped by {name} at step 100: val/r5_img2gene 0.04"]
     run = MlflowClient(ref.tracking_uri).get_run(run_id)
-    assert run.info.status == "KILLED"
-    assert run.data.tags["hescape.error"] == f"stopped early by the scheduler ({name}) at step 100"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["hescape.outcome"] == "stopped early"
+    assert run.data.tags["hescape.stopped_by"] == f"{name} at step 100"
+    assert "hescape.error" not in run.data.tags
+    from hescape.study.results import trial_table
+
+    (row,) = trial_table(ref)
+    assert row["status"] == "KILLED" and row["outcome"] == "stopped early"  # not evaluated

@@ -66,6 +66,14 @@ def test_tiny_study_end_to_end(tmp_path, ray_local):
         assert metrics["sys/peak_rss_mib"] > 50  # the trial's peak memory (issue #8)
         assert run.data.params["loss.name"] in ("clip", "siglip")
         names.add(run.data.params["loss.name"])
+        # the dashboard: the swept level leads the name, the metrics fit on one screen (the
+        # whole evaluation is the eval/metrics.json artifact), params are the trial's own
+        assert tags["mlflow.runName"].startswith(f"{run.data.params['loss.name']} s0 · ")
+        assert tags["hescape.outcome"] == "completed"
+        assert len(metrics) <= 40 and len(run.data.params) <= 20, (sorted(metrics),
+                                                                   sorted(run.data.params))
+        assert "eval/metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id,
+                                                                              "eval")}
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert len(history) >= 2  # metrics over steps
         steps = [m.step for m in history]
@@ -77,6 +85,7 @@ def test_tiny_study_end_to_end(tmp_path, ray_local):
         assert tags.get("hescape.baseline_key", "").startswith("frozen-")
     assert names == {"clip", "siglip"}
     parent_metrics = client.get_run(parent).data.metrics
+    assert client.get_run(parent).data.params["eval.probe_pca"] == "8"  # the study's config
     assert "test/baseline_frozen/r5_img2gene" not in parent_metrics  # a feature-set probe only
     for key in ("test/baseline_frozen/label_balanced_accuracy",  # (1 test donor: no mixing)
                 "test/baseline_pca/label_balanced_accuracy"):

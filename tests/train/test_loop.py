@@ -153,3 +153,23 @@ def test_training_brings_raw_logit_scale_back_into_range(make_cfg, tmp_path):
     fit(cfg, run_dir=tmp_path / "resumed", resume_from=ckpt, verbose=False)
     scale = float(_weights(tmp_path / "resumed" / "checkpoint_0000020")["logit_scale"])
     assert 0.0 <= scale <= np.log(100.0) + 1e-6
+
+
+def test_reports_carry_dense_learning_curve_points(make_cfg, tmp_path):
+    """``train.log_every`` (default eval_every // 10) gives each report the window means at
+    every log point since the last report, the report's own step last, so the dashboard's
+    learning curves have more than one point per evaluation."""
+    from hescape.train.validate import CURVE_KEY
+
+    seen = []
+    fit(make_cfg(max_steps=20, eval_every=10), run_dir=tmp_path / "default", verbose=False,
+        report_callback=lambda m, c: seen.append(m))
+    assert [[s for s, _ in m[CURVE_KEY]] for m in seen] == [list(range(1, 11)),
+                                                            list(range(11, 21))]
+    point = seen[0][CURVE_KEY][-1][1]
+    assert set(point) >= {"train/loss", "train/contrastive", "train/temperature", "train/lr"}
+    assert all(np.isfinite(v) for v in point.values())
+    seen.clear()
+    fit(make_cfg(max_steps=12, eval_every=6, log_every=4), run_dir=tmp_path / "every4",
+        verbose=False, report_callback=lambda m, c: seen.append(m))
+    assert [[s for s, _ in m[CURVE_KEY]] for m in seen] == [[4], [8, 12]]

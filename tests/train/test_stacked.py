@@ -88,6 +88,11 @@ def same_metrics(got: dict, want: dict, where: str) -> None:
         if isinstance(value, float) and math.isnan(value):
             assert math.isnan(got[key]), f"{where} {key}"
             continue
+        if key == "train_curve":  # the learning-curve points: same steps, same means
+            assert [p[0] for p in got[key]] == [p[0] for p in value], f"{where} {key}"
+            for (_, a), (step, b) in zip(got[key], value, strict=True):
+                same_metrics(a, b, f"{where} {key}@{step}")
+            continue
         assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL), f"{where} {key}"
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 from hescape import atomic
 from hescape.config import StudyConfig
-from hescape.study import baselines, confirm, lineage
+from hescape.study import baselines, confirm, lineage, run_view
 from hescape.study.folds import merge_folds
 from hescape.study.report import answer, notes, plots, trial_plots
 from hescape.study.report.document import Document
@@ -63,7 +63,7 @@ def write_report(
     Returns the report directory."""
     out = Path(study_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = trial_table(ref)
+    rows = trial_table(ref, study_dir=Path(study_dir))
     baselines.attach(rows, baselines.read(Path(study_dir)))  # evaluated once per study
     if shared_work is None:  # a re-report: the precomputed variants as the study logged them
         shared_work = parent_shared_work(ref)
@@ -136,9 +136,11 @@ def build_report(
 
 def _summary(doc: Document, rows: Rows, strata: dict[str, list]) -> None:
     n = {s: sum(r["status"] == s for r in rows) for s in ("FINISHED", "FAILED", "KILLED")}
+    stopped = sum(r.get("outcome") == run_view.STOPPED for r in rows)
     by = ", ".join(f"{len(v)} {k}" for k, v in strata.items())
     doc.para(f"Trials: {len(rows)} ({n['FINISHED']} finished, {n['FAILED']} failed, "
-             f"{n['KILLED']} stopped early by ASHA or interrupted); protocols: {by or '-'}."
+             f"{stopped} stopped early by the scheduler, {n['KILLED'] - stopped} interrupted); "
+             f"protocols: {by or '-'}."
              + (f" All trials are {next(iter(strata))}." if len(strata) == 1 else ""))
 
 
