@@ -344,8 +344,14 @@ def _tune_console(verbose: bool) -> None:
 def _raise_if_all_failed(cfg: StudyConfig, ref, study_dir: Path) -> None:
     """``StudyFailed`` with a one-paragraph summary when no trial finished."""
     runs = lineage.child_runs(ref)
-    if not runs or any(r.info.status == "FINISHED" for r in runs):
+    if any(r.info.status == "FINISHED" for r in runs):
         return
+    if not runs:  # every trial failed before it opened its MLflow run (e.g. its config)
+        raise StudyFailed(
+            f"study {cfg.name!r}: no trial started (none has an MLflow run), so there is no "
+            f"report. First trial error: {_tune_error(Path(study_dir))!r}. Tune's error "
+            f"files: {study_dir}/tune/<phase>/<trial>/error.txt. Fix the cause, then run "
+            "again with --overwrite.")
     errors: dict[str, list[str]] = {}
     for r in runs:
         text = (r.data.tags.get("hescape.error") or r.info.status).strip()
@@ -358,6 +364,17 @@ def _raise_if_all_failed(cfg: StudyConfig, ref, study_dir: Path) -> None:
         f"report. Cause(s): {causes}. Each trial's traceback is in "
         f"{study_dir}/trials/<trial id>/error.txt (and its MLflow run's hescape.error tag). "
         "Fix the cause, then run again with --overwrite.")
+
+
+def _tune_error(study_dir: Path) -> str:
+    """The exception line (and what follows it) of the first Tune trial error file."""
+    found = sorted((study_dir / "tune").glob("*/*/error.txt"))
+    if not found:
+        return "no error file found"
+    lines = found[0].read_text(errors="replace").splitlines()
+    at = max((i for i, ln in enumerate(lines)
+              if ln[:1].strip() and ("Error" in ln or "Exception" in ln)), default=len(lines) - 1)
+    return " ".join(ln.strip() for ln in lines[at:at + 3])[:400]
 
 
 def _run_phases(cfg, shared: SharedContext, res, concurrency: int, *, resume: bool) -> None:

@@ -345,13 +345,17 @@ def log_artifacts(ref: LineageRef, run_id: str, paths: dict[str, Path], subdir: 
 
 
 def dashboard_page(experiment_id: str, order_by: str | None = None) -> str:
-    """The UI page of an experiment's runs in the training view, sorted by the metric
-    ``order_by`` (descending) when given: MLflow keeps ``orderByKey`` in the page URL."""
-    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
-    if order_by:
-        key = urllib.parse.quote(f"metrics.`{order_by}`", safe="")
-        page += f"&orderByKey={key}&orderByAsc=false"
-    return page
+    """The UI page of an experiment's runs in the training view. With ``order_by`` (a
+    metric): the study's trials only, flat (not folded under the parent run), best first.
+    MLflow 3.17 reads ``orderByKey``/``searchFilter`` from the URL of the ``/runs`` page
+    (not of the bare experiment page)."""
+    if not order_by:
+        return f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    query = urllib.parse.urlencode({
+        "workflowType": "machine_learning", "orderByKey": f"metrics.`{order_by}`",
+        "orderByAsc": "false", "searchFilter": f"tags.`{TAG_ROLE}` = 'trial'"},
+        quote_via=urllib.parse.quote, safe="")
+    return f"#/experiments/{experiment_id}/runs?{query}"
 
 
 def dashboard_hint(tracking_uri: str, run_id: str, *, port: int = 5000,

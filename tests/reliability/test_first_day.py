@@ -269,3 +269,27 @@ def test_all_trials_failed_is_one_paragraph_and_exit_1(tmp_path, monkeypatch, ca
     add_run_arguments(p)
     assert run_from_args(p.parse_args([TINY])) == 1
     assert "all 3 trial(s) failed" in capsys.readouterr().err
+
+
+def test_trials_that_failed_before_their_run_still_fail_the_study(tmp_path):
+    """Every trial raised before it opened its MLflow run (its config, its inputs): the study
+    does not pass with an empty report; the message quotes Tune's first error file."""
+    from hescape.config import load_config
+    from hescape.study import lineage
+    from hescape.study.driver import StudyFailed, _raise_if_all_failed
+    from hescape.tracking import resolve_tracking_uri
+
+    cfg = load_config(TINY, [f"storage_dir={tmp_path / 'runs'}"])
+    ref = lineage.open_parent(resolve_tracking_uri(None, tmp_path / "runs"), "x", "x",
+                              resume=False, tags={})
+    trial = tmp_path / "study" / "tune" / "search" / "run_trial_1"
+    trial.mkdir(parents=True)
+    (trial / "error.txt").write_text(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for StudyConfig\n"
+        "train.bogus\n  Extra inputs are not permitted\n    For further information visit x\n")
+    with pytest.raises(StudyFailed) as err:
+        _raise_if_all_failed(cfg, ref, tmp_path / "study")
+    text = str(err.value)
+    assert "no trial started" in text and "ValidationError" in text and "train.bogus" in text
+    assert "error.txt" in text and "\n" not in text

@@ -20,13 +20,14 @@ from types import SimpleNamespace
 import pytest
 
 from hescape.config import load_config
+from hescape.study.lineage import dashboard_page
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "experiments" / "tiny.yaml"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run",
-                  "--window-size=1400,900", "--virtual-time-budget=20000"]
+                  "--virtual-time-budget=20000"]
 ML_VIEW = "workflowType=machine_learning"  # MLflow 3.17 picks GenAI vs training view by this
 
 pytestmark = [
@@ -60,7 +61,8 @@ def study(tmp_path_factory) -> SimpleNamespace:
             result = run_study(cfg, source=str(TINY), progress=False)
         finally:
             ray.shutdown()
-    return SimpleNamespace(storage=storage, elsewhere=elsewhere, result=result, tmp=tmp)
+    return SimpleNamespace(storage=storage, elsewhere=elsewhere, result=result, tmp=tmp,
+                           objective=cfg.sweep.objectives[0].metric)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +153,12 @@ def _runs(ui, exp_id: str, flt: str = "") -> list[dict]:
                                     "max_results": 100}).get("runs", [])
 
 
+def _history(ui, run_id: str, key: str) -> list[int]:
+    """The steps at which ``key`` was logged to run ``run_id`` (REST get-history)."""
+    query = urllib.parse.urlencode({"run_id": run_id, "metric_key": key})
+    return [int(m["step"]) for m in _api(ui, f"metrics/get-history?{query}").get("metrics", [])]
+
+
 def _experiment(ui) -> dict:
     return _api(ui, "experiments/get-by-name?experiment_name=tiny")["experiment"]
 
@@ -181,6 +189,16 @@ def test_rest_search_shows_training_experiment_with_source_and_datasets(study, u
     exp_tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
     assert exp_tags["mlflow.experimentKind"] == "custom_model_development"
     assert len(children) == 2 and all(r["info"]["status"] == "FINISHED" for r in children)
+    for run in children:  # the dashboard's view of a trial (hescape.study.run_view)
+        tags = _tags(run)
+        level = next(p["value"] for p in run["data"]["params"] if p["key"] == "loss.name")
+        assert tags["mlflow.runName"].startswith(f"{level} s0 · "), tags["mlflow.runName"]
+        assert tags["hescape.outcome"] == "completed"
+        assert len(run["data"]["metrics"]) <= 40 and len(run["data"]["params"]) <= 20
+        curve = _history(ui, run["info"]["run_id"], "train/loss")  # a point per log_every
+        evals = _history(ui, run["info"]["run_id"], "val/loss")    # a point per evaluation
+        assert len(curve) == 6 and len(evals) == 2 and len(set(curve)) == len(curve)
+    assert len(parent["data"]["params"]) > 100  # the study's whole config, once
     fingerprint = _tags(parent)["hescape.data_fingerprint"]
     names = set()
     for run in (parent, *children):
@@ -225,9 +243,11 @@ def test_artifacts_resolve_over_http_and_live_under_storage(study, ui) -> None:
 # --------------------------------------------------------------------------- browser
 
 
-def _chromium(url: str, profile: Path, *, screenshot: Path | None = None) -> str:
-    """Rendered DOM of ``url`` (fresh profile); with ``screenshot``, a PNG of the page too."""
-    base = [CHROMIUM, *CHROMIUM_FLAGS]
+def _chromium(url: str, profile: Path, *, screenshot: Path | None = None,
+              height: int = 900) -> str:
+    """Rendered DOM of ``url`` (fresh profile); with ``screenshot``, a PNG of the page too
+    (``height`` pixels tall)."""
+    base = [CHROMIUM, *CHROMIUM_FLAGS, f"--window-size=1400,{height}"]
     if screenshot is not None:
         subprocess.run([*base, f"--user-data-dir={profile}-shot", f"--screenshot={screenshot}",
                         url], capture_output=True, timeout=180, check=True)
@@ -249,6 +269,14 @@ def test_browser_shows_training_runs_source_dataset_and_report(study, ui, tmp_pa
                     screenshot=shots / "experiment_runs.png")
     assert "Run Name" in dom and ">tiny<" in dom and dataset in dom  # the training runs table
 
+    # docs/dashboard.md, click 1: the link the study prints lists its trials, best first
+    page = dashboard_page(exp_id, study.objective)
+    dom = _chromium(f"{ui.url}/{page}", tmp_path / "c1", screenshot=shots / "click1_trials.png")
+    assert f"Sort: {study.objective}" in dom
+    for run in children:
+        assert _tags(run)["mlflow.runName"] in dom
+    assert "hescape.role" in dom  # the search box: trials only, flat (no parent to expand)
+
     child = children[0]
     source = Path(_tags(child)["mlflow.source.name"]).name
     dom = _chromium(f"{ui.url}/#/experiments/{exp_id}/runs/{child['info']['run_id']}?{ML_VIEW}",
@@ -256,8 +284,13 @@ def test_browser_shows_training_runs_source_dataset_and_report(study, ui, tmp_pa
     assert "Source" in dom and source in dom and dataset in dom
     assert _tags(child)["mlflow.source.git.commit"][:7] in dom or not (ROOT / ".git").exists()
 
+    # click 2: the parent run's report (the study's answer); click 3: a trial's curves
     _chromium(f"{ui.url}/#/experiments/{exp_id}/runs/{pid}/artifacts/report/report.html?{ML_VIEW}",
-              tmp_path / "p3", screenshot=shots / "parent_report.png")
+              tmp_path / "p3", screenshot=shots / "click2_report.png")
+    dom = _chromium(f"{ui.url}/#/experiments/{exp_id}/runs/{child['info']['run_id']}/"
+                    f"model-metrics?{ML_VIEW}", tmp_path / "c3",
+                    screenshot=shots / "click3_curves.png")
+    assert _tags(child)["mlflow.runName"] in dom and "test (" in dom  # sections render lazily
 
 
 # --------------------------------------------------------------------------- stopping

@@ -115,8 +115,10 @@ def test_report_rows_read_the_full_evaluation_and_close_orphans_say_interrupted(
 
 def test_dashboard_link_sorts_by_the_objective():
     page = lineage.dashboard_page("3", "val/r5_img2gene")
-    assert page.startswith("#/experiments/3?workflowType=machine_learning&orderByKey=")
-    assert "metrics.%60val%2Fr5_img2gene%60" in page and page.endswith("&orderByAsc=false")
+    assert page == ("#/experiments/3/runs?workflowType=machine_learning"
+                    "&orderByKey=metrics.%60val%2Fr5_img2gene%60&orderByAsc=false"
+                    "&searchFilter=tags.%60hescape.role%60%20%3D%20%27trial%27")
+    assert lineage.dashboard_page("3") == "#/experiments/3?workflowType=machine_learning"
 
 
 def test_child_params_are_the_core_set_and_what_differs_from_the_study():
