@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray's own temp dir for this test session: ray.init() without an address joins the newest
+# Ray it finds under $RAY_TMPDIR (default /tmp/ray), e.g. a user's `ray start` or another test
+# session on this machine; then every local ray.init(num_cpus=...) fails ("When connecting to
+# an existing cluster ..."). A short path: Ray's socket paths must fit in 107 bytes.
+if "RAY_TMPDIR" not in os.environ and "RAY_ADDRESS" not in os.environ:
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="hr", dir="/tmp")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
