@@ -207,11 +207,14 @@ def maybe_fail_stack_member(where: str, cfg: Any, step: int) -> None:
     ``kind``: ``oom`` raises ``torch.OutOfMemoryError`` in its training step (as the CUDA
     allocator would for that member's share of the stack), ``step`` a ``RuntimeError`` in
     its training step, ``validation`` a ``RuntimeError`` in its validation. ``where`` is the
-    trainer's call site: ``step`` (``oom`` and ``step`` kinds) or ``validation``.
+    trainer's call site: ``step`` (``oom`` and ``step`` kinds) or ``validation``. Several
+    faults: separate them with ``;``.
     """
-    spec = os.environ.get(STACK_MEMBER_FAIL)
-    if not spec:
-        return
+    for spec in filter(None, os.environ.get(STACK_MEMBER_FAIL, "").split(";")):
+        _member_fault(spec.strip(), where, cfg, step)
+
+
+def _member_fault(spec: str, where: str, cfg: Any, step: int) -> None:
     head, _, match = spec.partition(":")
     kind, _, at = head.partition("@")
     key, _, want = match.partition("=")
