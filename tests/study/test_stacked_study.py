@@ -34,7 +34,7 @@ def _children(storage: Path, study: str):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -161,7 +161,7 @@ def test_a_stacked_member_that_fails_fails_alone(tmp_path, monkeypatch):
                                  "train.stack_size=4", "train.stack_wait_s=5"])
     monkeypatch.setenv(STACK_MEMBER_FAIL,
                        "oom@2:train.lr=0.004;validation@6:train.lr=0.008")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # workers see the env
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         run_study(stacked, source="tiny", progress=False)
         monkeypatch.delenv(STACK_MEMBER_FAIL)
