@@ -85,11 +85,9 @@ def full_path(exc: BaseException | None, tracking_uri: str | None = None) -> str
     return None
 
 
-def disk_full_message(storage_dir: str | Path, path: str | None) -> str:
+def disk_full_message(storage_dir: str | Path, path: str | None, need_bytes: int) -> str:
     """One line: the path that could not be written, the space free on ``storage_dir``'s
-    filesystem, what a study needs, and the fix."""
-    from hescape.study.resources import MIN_FREE_BYTES
-
+    filesystem, what a study needs (``need_bytes``), and the fix."""
     storage = Path(storage_dir)
     where = storage
     while not where.exists() and where != where.parent:
@@ -101,7 +99,7 @@ def disk_full_message(storage_dir: str | Path, path: str | None) -> str:
         free = "free space unknown"
     return (f"disk full: could not write {path or 'a file under storage_dir'} (no space left "
             f"on device; {free} on the filesystem of storage_dir {storage}; a study needs at "
-            f"least {MIN_FREE_BYTES / 1024**2:.0f} MiB free). Free space (or move "
+            f"least {need_bytes / 1024**2:.0f} MiB free). Free space (or move "
             "storage_dir), then run the same command with --resume.")
 
 

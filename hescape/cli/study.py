@@ -69,10 +69,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 130
     except Exception as exc:
         from hescape.diskfull import disk_full_message, full_path, is_disk_full
+        from hescape.study.resources import MIN_FREE_BYTES
 
         if not is_disk_full(exc):
             raise
-        print(f"error: {disk_full_message(cfg.storage_dir, full_path(exc))}", file=sys.stderr)
+        print(f"error: {disk_full_message(cfg.storage_dir, full_path(exc), MIN_FREE_BYTES)}",
+              file=sys.stderr)
         return 1
     print(f"study {result.name}: {len(result.trials)} trial run(s) in MLflow "
           f"(parent run {result.parent_run_id})")

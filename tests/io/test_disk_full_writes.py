@@ -56,9 +56,9 @@ def test_atomic_writes_on_a_full_disk_name_the_path_and_leave_the_old_file(tiny_
             _torch_save({"w": torch.zeros(big // 4)}, tmp / "model.pt")
     _full(exc, tiny_fs / "checkpoint_0000001")
     assert sorted(p.name for p in tiny_fs.iterdir()) == ["state.json"]  # no temporary left
-    line = disk_full_message(tiny_fs, full_path(exc.value))
+    line = disk_full_message(tiny_fs, full_path(exc.value), 512 * 1024**2)
     assert "\n" not in line and str(tiny_fs / "checkpoint_0000001") in line
-    assert "MiB free of 1 MiB" in line and "--resume" in line
+    assert "MiB free of 1 MiB" in line and "at least 512 MiB" in line and "--resume" in line
 
 
 def test_sqlite_full_is_a_full_disk():
