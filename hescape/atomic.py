@@ -15,11 +15,13 @@ file under the final name: readers see the old content or the new, never a mix.
 
 The temporary name starts with ``.`` and ends with ``.tmp`` (plus the original suffix, so
 libraries that look at suffixes still work), in the target's directory (``os.replace`` is
-atomic only within one filesystem).
+atomic only within one filesystem). A write that finds the disk full raises
+``OSError(errno.ENOSPC)`` naming the final path (``hescape.diskfull`` says it in one line).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -77,10 +79,39 @@ def atomic_path(path: str | os.PathLike[str], *, mkdir: bool = True) -> Iterator
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = _full_disk(exc, path.parent)
         tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
         raise
     _fsync_dir(path.parent)
+
+
+FULL_BELOW_BYTES = 1 << 20  # an OSError without errno on a filesystem this full: ENOSPC
+
+
+def _full_disk(exc: BaseException, directory: Path) -> bool:
+    """Whether the failed write found the disk full: an ENOSPC / EDQUOT anywhere in the
+    exception's causes (torch wraps it in a RuntimeError), or an ``OSError`` without an
+    errno (numpy's short write: "N requested and M written") while ``directory`` has under
+    ``FULL_BELOW_BYTES`` free (checked before the temporary file is removed)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    short_write = False
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError):
+            if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                return True
+            short_write = short_write or cause.errno is None
+        cause = cause.__cause__ or cause.__context__
+    if not short_write:
+        return False
+    try:
+        return shutil.disk_usage(directory).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
 
 
 def write_with(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
@@ -151,6 +182,10 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         replace_dir(tmp, target)
+    except Exception as exc:
+        if _full_disk(exc, target.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -45,7 +45,7 @@ PACKAGE = ROOT / "hescape"
 # longer pattern beats a shorter one
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("hescape", "hescape.registry", "hescape.lazy", "hescape.atomic", "hescape.paths",
-              "hescape.tracking", "hescape.raystart", "hescape.endpoints")),
+              "hescape.diskfull", "hescape.tracking", "hescape.raystart", "hescape.endpoints")),
     ("specs", ("hescape.preprocess", "hescape.preprocess.spec", "hescape.preprocess.expression",
                "hescape.preprocess.methods.*", "hescape.models", "hescape.models.spec",
                "hescape.models.presets", "hescape.losses", "hescape.losses.spec")),

@@ -67,6 +67,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted: run again with --resume to finish the study", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from hescape.diskfull import disk_full_message, full_path, is_disk_full
+        from hescape.study.resources import MIN_FREE_BYTES
+
+        if not is_disk_full(exc):
+            raise
+        print(f"error: {disk_full_message(cfg.storage_dir, full_path(exc), MIN_FREE_BYTES)}",
+              file=sys.stderr)
+        return 1
     print(f"study {result.name}: {len(result.trials)} trial run(s) in MLflow "
           f"(parent run {result.parent_run_id})")
     print(f"report: {result.report_dir}/report.md")

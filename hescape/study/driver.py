@@ -24,6 +24,7 @@ from typing import Any
 
 from hescape import atomic, paths
 from hescape.config import ConfigError, StudyConfig
+from hescape.diskfull import DiskFull, full_path, is_disk_full, quiet_store_errors
 from hescape.raystart import init_ray
 from hescape.study import lineage, stacking
 from hescape.study.callbacks import INTERRUPTED
@@ -275,7 +276,7 @@ def run_study(
     _write_study_json(study_dir, cfg, source, ref=ref, started=started)
     result = StudyResult(cfg.name, study_dir, ref.parent_run_id, uri)
     status = "FAILED"
-    rollback = False
+    rollback = disk_full = False
     previous = _install_signal_handlers()
     try:
         lineage.log_dataset(ref, ref.parent_run_id, paired)  # MLflow's Dataset column, filters
@@ -315,17 +316,35 @@ def run_study(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except Exception:
+    except Exception as exc:
+        if is_disk_full(exc):  # resumable once space is freed: keep everything, KILLED
+            status, disk_full = "KILLED", True
+            raise DiskFull(full_path(exc, uri), "could not write") from exc
         rollback = not resume and not (read_study_json(study_dir) or {}).get("trials_started")
         raise
     finally:
         _restore_signal_handlers(previous)
         console.restore_warnings()
-        lineage.finish_run(ref, ref.parent_run_id, status)
+        if disk_full:
+            _finish_on_full_disk(ref, status)
+        else:
+            lineage.finish_run(ref, ref.parent_run_id, status)
         if rollback:  # failed before its first trial: leave nothing that blocks a re-run
             _rollback(study_dir, ref)
     _write_study_json(study_dir, cfg, source, ref=ref, report=result.report_dir, started=True)
     return result
+
+
+def _finish_on_full_disk(ref, status: str) -> None:
+    """Close the parent run if the MLflow store can still take it (sqlite reuses free
+    pages); else it stays RUNNING and the resume takes it over. MLflow's own error log
+    (a traceback per failed write) stays off the console: the one-line stop says it all."""
+    try:
+        with quiet_store_errors():
+            lineage.finish_run(ref, ref.parent_run_id, status)
+    except Exception as exc:  # noqa: BLE001
+        if not is_disk_full(exc):
+            raise
 
 
 def _tune_console(verbose: bool) -> None:

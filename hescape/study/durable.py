@@ -85,6 +85,7 @@ class DurableScheduler(TrialScheduler):
         self.inner.on_trial_add(tune_controller, trial)
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        stop_if_disk_full(trial)
         self.inner.on_trial_error(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
@@ -115,6 +116,23 @@ class DurableScheduler(TrialScheduler):
 
     def debug_string(self) -> str:
         return self.inner.debug_string()
+
+
+def stop_if_disk_full(trial: Any) -> None:
+    """Raise ``DiskFull`` when ``trial`` failed because a write found its disk full.
+
+    Tune asks the scheduler first when a trial errors, before it tells the searcher or marks
+    the trial ERROR: raised here, the phase stops with the trial still RUNNING in Tune's
+    state, so a resume (after space is freed) runs it again instead of keeping a failure
+    that was the disk's, not the configuration's."""
+    from hescape.diskfull import DiskFull, path_in_text, text_is_disk_full
+
+    try:
+        text = Path(trial.error_file).read_text()
+    except (OSError, TypeError):
+        return
+    if text_is_disk_full(text):
+        raise DiskFull(path_in_text(text), f"trial {trial.trial_id} could not write")
 
 
 def _snapshot(tune_controller: Any) -> Path:

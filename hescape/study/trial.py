@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hescape import atomic
 from hescape.config import StudyConfig
 from hescape.study import baselines, lineage, run_view, stacking
 from hescape.study.resume import TrialProgress, mark_evaluation_logged, read_progress
@@ -136,12 +137,28 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
                                tags=run_view.outcome_tags(run_view.STOPPED))
         raise
     except BaseException as exc:  # noqa: BLE001 - record every failure, then re-raise to Tune
-        lineage.finish_run(ref, run_id, "FAILED", error=f"{type(exc).__name__}: {exc}",
-                           tags=run_view.outcome_tags(run_view.FAILED))
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        _record_failure(ref, run_id, run_dir, exc)
         raise
     lineage.finish_run(ref, run_id, "FINISHED", tags=run_view.outcome_tags(run_view.COMPLETED))
     tune.report(checked(result, required, kind=FINAL))
+
+
+def _record_failure(ref: lineage.LineageRef, run_id: str, run_dir: Path,
+                    exc: BaseException) -> None:
+    """Close the run FAILED with the reason and keep the traceback in ``error.txt``. On a
+    full disk both writes may fail too: the trial's own error (which names the path it
+    could not write) is what goes to Tune, and the driver stops the study on it."""
+    from hescape.diskfull import is_disk_full, quiet_if_disk_full
+
+    text = traceback.format_exc()
+    try:
+        with quiet_if_disk_full(exc):
+            lineage.finish_run(ref, run_id, "FAILED", error=f"{type(exc).__name__}: {exc}",
+                               tags=run_view.outcome_tags(run_view.FAILED))
+        atomic.write_text(run_dir / "error.txt", text)
+    except Exception as err:
+        if not (is_disk_full(exc) and is_disk_full(err)):
+            raise
 
 
 @dataclass

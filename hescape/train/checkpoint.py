@@ -103,12 +103,20 @@ def save_checkpoint(
     """
     target = Path(directory)
     with atomic_dir(target) as tmp:
-        torch.save(_unwrap(model).state_dict(), tmp / MODEL_FILE)
+        _torch_save(_unwrap(model).state_dict(), tmp / MODEL_FILE)
         if train_state is not None:
-            torch.save(train_state, tmp / OPTIM_FILE)
+            _torch_save(train_state, tmp / OPTIM_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=float))
     return target
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file: a full disk then surfaces as the
+    ``OSError(ENOSPC)`` behind torch's "unexpected pos" error (a path makes torch's C++
+    writer fail with no errno at all), which ``atomic_dir`` re-raises naming the checkpoint."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 # -------------------------------------------------------------------------- load

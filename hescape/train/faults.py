@@ -121,6 +121,7 @@ def maybe_kill_driver(point: str, *, step: int | None = None, phase: str | None 
     ``HESCAPE_FAULT_MARKER`` makes it happen once. ``HESCAPE_FAULT_DRIVER_SIGNAL=INT`` sends
     the driver a SIGINT instead (Ctrl-C: it stops and exits 130; Ray goes down with it).
     """
+    maybe_fill_disk(point, step=step, phase=phase)  # every instant can also fill the disk
     spec = os.environ.get(KILL_DRIVER_AT)
     if not spec or not _driver_point_matches(spec, point, step, phase):
         return
@@ -143,3 +144,102 @@ def _driver_point_matches(spec: str, point: str, step: int | None, phase: str | 
     if name != point or (want_phase and want_phase != phase):
         return False
     return not at or (step is not None and step >= int(at))
+
+
+# ------------------------------------------------------------------ a full disk (ENOSPC tests)
+FILL_DISK_AT = "HESCAPE_FAULT_FILL_DISK_AT"
+BALLAST = "HESCAPE_FAULT_BALLAST"
+
+
+def maybe_fill_disk(point: str, *, step: int | None = None, phase: str | None = None) -> None:
+    """Fill the filesystem that holds ``HESCAPE_FAULT_BALLAST`` once, at a named instant; a
+    no-op unless ``HESCAPE_FAULT_FILL_DISK_AT`` names it (same ``<point>[:<step>][@<phase>]``
+    syntax and points as ``HESCAPE_FAULT_KILL_DRIVER_AT``; ``HESCAPE_FAULT_MARKER``, on
+    another filesystem, makes it happen once).
+
+    The ballast file grows until the kernel answers ENOSPC, so every later write on that
+    filesystem fails for real (``OSError(errno.ENOSPC)``, sqlite's "database or disk is
+    full"); deleting the ballast frees the space. Meant for a small filesystem made for the
+    test (a tmpfs): on a shared disk it would fill that disk.
+    """
+    spec = os.environ.get(FILL_DISK_AT)
+    if not spec or not _driver_point_matches(spec, point, step, phase):
+        return
+    marker, ballast = os.environ.get(MARKER), os.environ.get(BALLAST)
+    if not marker or not ballast:
+        raise RuntimeError(f"{FILL_DISK_AT} needs {MARKER} and {BALLAST}")
+    if not _claim(marker, f"{os.getpid()} {point} {step if step is not None else ''}"):
+        return
+    fill_filesystem(ballast)
+
+
+def fill_filesystem(ballast: str) -> int:
+    """Append to ``ballast`` until its filesystem is full; the bytes written."""
+    import errno
+
+    written = 0
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for size in (1 << 20, 1 << 12, 1):
+            block = b"\0" * size
+            while True:
+                try:
+                    written += os.write(fd, block)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    return written
+
+
+# ------------------------------------------------------------------ one stack member fails
+STACK_MEMBER_FAIL = "HESCAPE_FAULT_STACK_MEMBER_FAIL"
+STACK_FAIL_KINDS = ("oom", "step", "validation")
+
+
+def maybe_fail_stack_member(where: str, cfg: Any, step: int) -> None:
+    """Raise for one member of a stacked trainer (``hescape.train.stacked``); a no-op unless
+    ``HESCAPE_FAULT_STACK_MEMBER_FAIL`` is ``<kind>@<step>:<key>=<value>``: the member whose
+    config has ``<key>`` (dotted, e.g. ``train.lr``) equal to ``<value>`` fails at ``<step>``.
+
+    ``kind``: ``oom`` raises ``torch.OutOfMemoryError`` in its training step (as the CUDA
+    allocator would for that member's share of the stack), ``step`` a ``RuntimeError`` in
+    its training step, ``validation`` a ``RuntimeError`` in its validation. ``where`` is the
+    trainer's call site: ``step`` (``oom`` and ``step`` kinds) or ``validation``. Several
+    faults: separate them with ``;``.
+    """
+    for spec in filter(None, os.environ.get(STACK_MEMBER_FAIL, "").split(";")):
+        _member_fault(spec.strip(), where, cfg, step)
+
+
+def _member_fault(spec: str, where: str, cfg: Any, step: int) -> None:
+    head, _, match = spec.partition(":")
+    kind, _, at = head.partition("@")
+    key, _, want = match.partition("=")
+    if kind not in STACK_FAIL_KINDS or not at or not key:
+        raise RuntimeError(f"{STACK_MEMBER_FAIL}={spec!r}: use <kind>@<step>:<key>=<value>, "
+                           f"kind one of {', '.join(STACK_FAIL_KINDS)}")
+    if (where == "validation") != (kind == "validation") or int(at) != int(step):
+        return
+    value: Any = cfg.model_dump()
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None or not _same(value, want):
+        return
+    message = f"injected fault ({STACK_MEMBER_FAIL}) for {key}={want} at step {step}"
+    if kind == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory: {message}")
+    raise RuntimeError(message)
+
+
+def _same(value: Any, want: str) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value) == float(want)
+        except ValueError:
+            return False
+    return str(value) == want

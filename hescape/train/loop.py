@@ -34,7 +34,7 @@ from hescape.train.checkpoint import (
 )
 from hescape.train.dataset import resize_normalize
 from hescape.train.device import Compute
-from hescape.train.faults import maybe_kill_after_report
+from hescape.train.faults import maybe_fill_disk, maybe_kill_after_report
 from hescape.train.features import frozen_image_encoder
 from hescape.train.inputs import TrainInputs, load_train_inputs, make_train_loader
 from hescape.train.schedule import get_lr
@@ -139,6 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop = record_evaluation(state, metrics, cfg, done=done)
         ckpt = None
         if rank == 0:
+            maybe_fill_disk("checkpoint", step=state.step)  # tests only (HESCAPE_FAULT_*)
             ckpt = save_checkpoint(
                 session.staging_dir() / f"checkpoint_{state.step:07d}", model=model, cfg=cfg,
                 meta=checkpoint_meta(data, state.step, metrics),

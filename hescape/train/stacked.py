@@ -86,6 +86,7 @@ from hescape.train.checkpoint import (
 )
 from hescape.train.dataset import ResumableSampler
 from hescape.train.device import Compute, resolve_device
+from hescape.train.faults import maybe_fail_stack_member
 from hescape.train.inputs import TrainInputs, load_train_inputs, prepare_inputs
 from hescape.train.loop import (
     TrainingError,
@@ -463,6 +464,9 @@ class StackedTrainer:
 
     def _step(self, step: int) -> None:
         """One optimisation step of every member in the stack."""
+        self._member_faults(step)
+        if not self.active:
+            return
         t0 = time.perf_counter()
         data, active, dev = self.data, self.active, self.device
         k = len(active)
@@ -510,6 +514,18 @@ class StackedTrainer:
             s.train_s += seconds
         if failed:
             self._remove([active[i] for i in failed])
+
+    def _member_faults(self, step: int) -> None:
+        """Tests only (``faults.maybe_fail_stack_member``): a member whose step raises (an
+        injected ``torch.OutOfMemoryError`` or error) fails alone, before the stack's step."""
+        failed = []
+        for slot in self.active:
+            try:
+                maybe_fail_stack_member("step", slot.cfg, step + 1)
+            except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
+                self._fail(slot, exc)
+                failed.append(slot)
+        self._remove(failed)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, step: int) -> None:
@@ -559,6 +575,7 @@ class StackedTrainer:
         """Member ``k``'s report so far and its validation metrics (a Future from the
         workers, or the metrics themselves when validation runs in this process)."""
         cfg = slot.cfg
+        maybe_fail_stack_member("validation", cfg, step)  # tests only
         model = self.stack.load_member(k)
         metrics = {"step": step, "epoch": step / slot.sampler.batches_per_epoch(),
                    "train/lr": slot.lr, "train/adv_weight": slot.adv,

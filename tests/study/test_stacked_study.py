@@ -34,7 +34,7 @@ def _children(storage: Path, study: str):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -142,3 +142,63 @@ def test_an_idle_service_exits_and_a_late_joiner_is_sent_to_the_next(monkeypatch
     assert svc._idle_exit() and killed == ["me"] and svc.closing
     assert svc.join("t2", cfg.model_dump(), str(tmp_path), train=True) == "closing"
     assert "t2" not in svc.members and isinstance(m.events, queue.Queue)
+
+
+def test_a_stacked_member_that_fails_fails_alone(tmp_path, monkeypatch):
+    """In one stack of four trials, one member runs out of memory in its second training
+    step (a ``torch.OutOfMemoryError`` for that member only: ``HESCAPE_FAULT_STACK_MEMBER_FAIL``;
+    a real one needs a GPU) and another's validation raises at step 6: both trials are
+    ERROR in Tune and FAILED in MLflow with the reason in ``hescape.error``; the other two
+    finish with the metrics of their unbatched trials."""
+    import json
+
+    import ray
+
+    from hescape.study.driver import run_study
+    from hescape.train.faults import STACK_MEMBER_FAIL
+
+    plain = load_config(TINY, [f"storage_dir={tmp_path / 'plain'}", *HEAD_ONLY])
+    stacked = load_config(TINY, [f"storage_dir={tmp_path / 'stacked'}", *HEAD_ONLY,
+                                 "train.stack_size=4", "train.stack_wait_s=5"])
+    monkeypatch.setenv(STACK_MEMBER_FAIL,
+                       "oom@2:train.lr=0.004;validation@6:train.lr=0.008")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_study(stacked, source="tiny", progress=False)
+        monkeypatch.delenv(STACK_MEMBER_FAIL)
+        run_study(plain, source="tiny", progress=False)  # not stacked: the hook is not on
+    finally:
+        ray.shutdown()
+    _, plain_runs = _children(tmp_path / "plain", "tiny")
+    client, stacked_runs = _children(tmp_path / "stacked", "tiny")
+    a, b = _by_lr(plain_runs), _by_lr(stacked_runs)
+    assert sorted(a) == sorted(b) and len(b) == 4
+    assert all(r.info.status == "FINISHED" for r in a.values())
+    assert max(r.data.metrics.get("sys/stack_size", 0) for r in b.values()) >= 2
+    failed = {"0.004": ("OutOfMemoryError", []), "0.008": ("RuntimeError", [3])}
+    for lr, (error, steps) in failed.items():
+        run = b[lr]
+        assert run.info.status == "FAILED", lr
+        reason = run.data.tags.get("hescape.error", "")
+        assert error in reason and "injected fault" in reason, (lr, reason)
+        history = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        assert history == steps and "test/r5_img2gene" not in run.data.metrics, lr
+    for lr in sorted(set(b) - set(failed)):
+        run = b[lr]
+        assert run.info.status == "FINISHED", (lr, run.data.tags.get("hescape.error"))
+        history = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        assert sorted(history) == [3, 6, 9], lr
+        for key, value in a[lr].data.metrics.items():
+            if key.startswith(("val/", "test/", "train/loss")):
+                assert run.data.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), \
+                    (lr, key)
+    # Tune's own view: the two failed members' trials are ERROR, the others TERMINATED
+    phase = tmp_path / "stacked" / "tiny" / "tune" / "search"
+    state = json.loads(max(phase.glob("experiment_state-*.json")).read_text())
+    status = {}
+    for item in state["trial_data"]:
+        trial = json.loads(item[0]) if isinstance(item[0], str) else item[0]
+        status[trial["trial_id"]] = trial["status"]
+    by_trial = {r.data.tags["ray.trial_id"]: lr for lr, r in b.items()}
+    assert {by_trial[t]: s for t, s in status.items()} == {
+        lr: ("ERROR" if lr in failed else "TERMINATED") for lr in b}

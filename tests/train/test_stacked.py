@@ -296,6 +296,32 @@ def test_a_failing_member_fails_alone(tmp_path, refs, tiny_data):
     same_history(outcomes["a"].result.history, refs["a"][1].history, "a")
 
 
+def test_a_member_out_of_memory_or_raising_fails_alone(tmp_path, refs, monkeypatch):
+    """A member whose training step raises ``torch.OutOfMemoryError`` (injected for that
+    member only: ``faults.maybe_fail_stack_member``; a real one needs a GPU), or whose
+    step or validation raises, fails alone with that error and no checkpoint past it; the
+    others' reports and final checkpoints equal their unbatched runs."""
+    from hescape.train.faults import STACK_MEMBER_FAIL
+
+    cases = {"oom": ("oom@3:train.seed=2", "c", torch.OutOfMemoryError, []),
+             "step": ("step@12:train.seed=1", "b", RuntimeError, [10]),
+             "validation": ("validation@10:train.seed=1", "b", RuntimeError, [])}
+    for case, (spec, victim, error, steps) in cases.items():
+        monkeypatch.setenv(STACK_MEMBER_FAIL, spec)
+        outcomes = run_members(tmp_path / case, refs)
+        bad = outcomes[victim]
+        assert bad.status == "failed" and type(bad.error) is error, (case, bad.error)
+        assert "injected fault" in str(bad.error), case
+        assert [h["step"] for h in bad.result.history] == steps, case
+        assert sorted(p.name for p in (tmp_path / case / victim).glob("checkpoint_*")) == \
+            [f"checkpoint_{s:07d}" for s in steps], case
+        for name in set(MEMBERS) - {victim}:
+            assert outcomes[name].status == "finished", (case, name, outcomes[name].error)
+            same_history(outcomes[name].result.history, refs[name][1].history, name)
+            last = f"checkpoint_{refs[name][0].train.max_steps:07d}"
+            same_checkpoint(tmp_path / case / name / last, refs[name][2] / last)
+
+
 def test_resume_continues_each_member_where_it_stood(tmp_path, refs):
     """Interrupted at different steps (``a`` at 10, ``c`` at 5; ``b`` resumes from a
     checkpoint written by the unbatched ``fit``), the restarted stack runs ragged and every
