@@ -1,6 +1,6 @@
-"""A worker node lost mid-study, and a node that joins mid-study, on a real multi-node Ray
-cluster on this machine (``ray.cluster_utils.Cluster``: a head with no CPU, so every trial
-runs on a worker node, and 1-CPU worker nodes).
+"""A worker node lost mid-study, on a real multi-node Ray cluster on this machine
+(``ray.cluster_utils.Cluster``: a head with no CPU, so every trial runs on a worker node,
+and 1-CPU worker nodes). A node that joins a study: ``test_node_join.py``.
 
 The moment is deterministic: ``HESCAPE_FAULT_HOLD_AT`` (``hescape.train.faults.maybe_hold``)
 stops the first trial to reach the named instant, once, and writes its pid and Ray node id
@@ -149,39 +149,3 @@ def test_node_lost_while_a_trial_evaluates_evaluates_again_once(tmp_path, capsys
     out = capsys.readouterr().out
     assert f"resumed at step {MAX_STEPS}" in out, out[-3000:]  # no training again
     assert (result.study_dir / "report" / "report.md").exists()
-
-
-def test_node_that_joins_mid_study_gets_the_pending_trial(tmp_path):
-    """One 1-CPU worker node, two trials, ``sweep.max_concurrent=2``: the second trial waits
-    PENDING while the first holds its node; a node added then runs it (its MLflow run names
-    the new node), before the first trial goes on."""
-    env = _hold_env(tmp_path, "report:3")
-    marker, release = Path(env["HESCAPE_FAULT_MARKER"]), Path(env["HESCAPE_FAULT_RELEASE"])
-
-    def watcher(cluster, seen):
-        from mlflow.tracking import MlflowClient
-
-        try:
-            held_node, _, _ = _read_marker(marker)
-            seen["held"] = held_node
-            seen["joined"] = cluster.add_node(num_cpus=1).node_id
-            client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-            exp = client.get_experiment_by_name("tiny")
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:  # the pending trial starts (on the new node)
-                runs = client.search_runs([exp.experiment_id], "tags.`hescape.role` = 'trial'")
-                if len(runs) == 2 and all("hescape.node_id" in r.data.tags for r in runs):
-                    break
-                time.sleep(1)
-        finally:
-            release.touch()
-
-    _, seen, client, runs = _study(tmp_path, env, 1, watcher, "sweep.max_concurrent=2")
-    assert "error" not in seen, seen
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
-    by_node = sorted(r.data.tags["hescape.node_id"] for r in runs)
-    assert by_node == sorted([seen["held"], seen["joined"]])  # one trial on each node
-    for r in runs:
-        assert len(r.data.tags["hescape.nodes"].split(",")) == 1  # never retried
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/loss")]
-        assert sorted(steps) == [3, 6, 9], steps
