@@ -149,3 +149,28 @@ def test_node_lost_while_a_trial_evaluates_evaluates_again_once(tmp_path, capsys
     out = capsys.readouterr().out
     assert f"resumed at step {MAX_STEPS}" in out, out[-3000:]  # no training again
     assert (result.study_dir / "report" / "report.md").exists()
+
+
+def test_hold_hook_is_inert_unless_asked_holds_once_and_releases(tmp_path, monkeypatch):
+    """The hold alone (no Ray): unset or another point is a no-op; the first matching call
+    writes the marker and returns when the release file appears; later calls pass."""
+    from hescape.train import faults
+
+    for key in (faults.HOLD_AT, faults.MARKER, faults.RELEASE, faults.HOLD_S):
+        monkeypatch.delenv(key, raising=False)
+    faults.maybe_hold("report", step=3)  # unset: nothing
+    monkeypatch.setenv(faults.HOLD_AT, "report:3")
+    with pytest.raises(RuntimeError, match=faults.MARKER):
+        faults.maybe_hold("report", step=3)
+    marker, release = tmp_path / "held", tmp_path / "release"
+    monkeypatch.setenv(faults.MARKER, str(marker))
+    monkeypatch.setenv(faults.RELEASE, str(release))
+    monkeypatch.setenv(faults.HOLD_S, "60")  # a broken once-guard holds 60 s, not forever
+    faults.maybe_hold("report", step=2)  # before step 3
+    faults.maybe_hold("evaluating")  # another point
+    assert not marker.exists()
+    threading.Timer(1.0, release.touch).start()
+    faults.maybe_hold("report", step=3)  # holds until the release file exists
+    assert marker.read_text().split()[2:] == ["report", "3"] and release.exists()
+    release.unlink()
+    faults.maybe_hold("report", step=6)  # once: the marker is there, no hold
