@@ -329,7 +329,9 @@ class SweepConfig(Strict):
     params: dict[str, SweepParam] = {}
     seeds: int = Field(1, ge=1, description="repeat each configuration over n seeds")
     seed_top_k: int = Field(3, ge=1, description="tpe/random: re-run the top-k configs over seeds")
-    max_concurrent: Optional[int] = Field(None, ge=1)
+    max_concurrent: Optional[int] = Field(
+        None, ge=1, description="trials at once (null: as many as fit on the cluster at the "
+        "start); set above that, the extra trials wait for nodes that join mid-study")
     grace_period: int = Field(1, ge=1, description="ASHA/MO-ASHA: evaluations before a trial "
                               "may stop")
     confirm: ConfirmConfig = ConfirmConfig()

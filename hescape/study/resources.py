@@ -149,7 +149,8 @@ def trial_resources(cfg: StudyConfig) -> TrialResources:
 def max_concurrent_trials(
     res: TrialResources, cluster: dict[str, float], user_cap: int | None, source: str
 ) -> int:
-    """How many trials fit at once; an error if not even one fits."""
+    """How many trials run at once: ``user_cap`` (``sweep.max_concurrent``) when set, else
+    as many as fit on the cluster now; an error if not even one fits."""
     cpu, gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if res.total_cpu > cpu + 1e-9 or res.total_gpu > gpu + 1e-9:
         raise ConfigError(
@@ -162,7 +163,9 @@ def max_concurrent_trials(
     if res.total_gpu > 0:
         fits = min(fits, math.floor((gpu + 1e-9) / res.total_gpu))
     fits = max(1, fits)
-    return min(fits, user_cap) if user_cap else fits
+    # an explicit cap is honoured even above what fits now: the extra trials wait PENDING
+    # and start on nodes that join mid-study (``ray start --address``, an autoscaler)
+    return user_cap if user_cap else fits
 
 
 def check_storage(path: Path, *, min_free: int = MIN_FREE_BYTES) -> None:

@@ -36,7 +36,7 @@ from hescape.study.tune_reports import (
     required_metrics,
 )
 from hescape.tracking import log_metrics_retry
-from hescape.train.faults import maybe_kill_driver
+from hescape.train.faults import maybe_hold, maybe_kill_driver
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
         facts = inputs.facts()
     run_id = lineage.open_child(ref, trial_id, existing=existing, name=name[:250],
                                 tags=_trial_tags(shared, cfg, params, facts))
+    _tag_node(ref, run_id)  # where it runs now (a retried trial: its latest node)
     if existing is not None:  # running again: drop how it ended before
         client = lineage.MlflowClient(ref.tracking_uri)
         for key in ("hescape.error", run_view.TAG_OUTCOME, run_view.TAG_STOPPED_BY):
@@ -235,6 +236,25 @@ def _trial_tags(
     }
 
 
+NODE_ID_TAG, NODE_IP_TAG, NODES_TAG = "hescape.node_id", "hescape.node_ip", "hescape.nodes"
+
+
+def _tag_node(ref: lineage.LineageRef, run_id: str) -> None:
+    """Tag the run with the Ray node this (possibly retried) trial process runs on: its id
+    and IP now, and every node id it has run on, in order (``hescape.nodes``)."""
+    import ray
+
+    if not ray.is_initialized():  # run_trial called outside Ray (unit tests)
+        return
+    node_id, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    client = lineage.MlflowClient(ref.tracking_uri)
+    before = lineage.with_retry(lambda: client.get_run(run_id)).data.tags.get(NODES_TAG, "")
+    nodes = ",".join([n for n in before.split(",") if n] + [node_id])
+    for key, value in ((NODE_ID_TAG, node_id), (NODE_IP_TAG, node_ip),
+                       (NODES_TAG, nodes[-4900:])):
+        lineage.with_retry(lambda k=key, v=value: client.set_tag(run_id, k, v))
+
+
 def _converged_tag(info: dict[str, Any]) -> str:
     """"true"/"false" when the preprocessing reports convergence (Harmony, scVI), else "n/a"."""
     return str(bool(info["converged"])).lower() if "converged" in info else "n/a"
@@ -320,6 +340,7 @@ def _report_training(trial: _Trial, metrics: dict[str, Any]) -> None:
     trial.log(logged, step)
     maybe_kill_driver("report", step=step, phase=trial.phase)  # tests only (HESCAPE_FAULT_*)
     tune.report(checked(clean, trial.required, kind=TRAIN))
+    maybe_hold("report", step=step, phase=trial.phase)  # tests only (node loss)
 
 
 def _report_resumed(trial: _Trial, progress: TrialProgress) -> None:
@@ -358,6 +379,7 @@ def _log_evaluation(trial: _Trial, metrics: dict[str, float], artifacts: dict[st
                     step: int) -> dict[str, float]:
     evaluated = finite_metrics(metrics)  # training metrics were logged per report already
     maybe_kill_driver("evaluating", phase=trial.phase)
+    maybe_hold("evaluating", phase=trial.phase)  # tests only (node loss)
     trial.log(evaluated, step)
     lineage.log_artifacts(trial.ref, trial.run_id, {k: Path(v) for k, v in artifacts.items()},
                           subdir="eval")

@@ -243,3 +243,42 @@ def _same(value: Any, want: str) -> bool:
         except ValueError:
             return False
     return str(value) == want
+
+
+# ------------------------------------------------------------------ holds (node-loss tests)
+HOLD_AT = "HESCAPE_FAULT_HOLD_AT"
+HOLD_S = "HESCAPE_FAULT_HOLD_S"  # how long a hold lasts at most (default 600 s)
+RELEASE = "HESCAPE_FAULT_RELEASE"  # a path: the hold ends as soon as this file exists
+
+
+def maybe_hold(point: str, *, step: int | None = None, phase: str | None = None) -> None:
+    """Stop a trial at a named instant, once, until something outside removes it (a test
+    takes its node away); a no-op unless ``HESCAPE_FAULT_HOLD_AT`` names the instant.
+
+    The value is ``<point>[:<step>][@<phase>]`` as for ``HESCAPE_FAULT_KILL_DRIVER_AT``:
+    ``report`` (a trial, right after its training report of a step >= ``step`` reached
+    MLflow and Tune) or ``evaluating`` (a trial, evaluation computed, nothing logged).
+    ``HESCAPE_FAULT_MARKER`` makes it happen once: the holding process creates it with
+    ``pid node_id point step`` (its Ray node id, so the test knows which node to remove),
+    then sleeps until ``HESCAPE_FAULT_RELEASE`` (a path, optional) exists or for at most
+    ``HESCAPE_FAULT_HOLD_S`` seconds (default 600), and carries on if it is still alive then
+    (the test's assertions fail instead of hanging).
+    """
+    spec = os.environ.get(HOLD_AT)
+    if not spec or not _driver_point_matches(spec, point, step, phase):
+        return
+    marker = os.environ.get(MARKER)
+    if not marker:
+        raise RuntimeError(f"{HOLD_AT} is set but {MARKER} is not: set both "
+                           "(the marker file makes the hold happen once)")
+    import time
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
+    if not _claim(marker, f"{os.getpid()} {node} {point} {step if step is not None else '-'}"):
+        return
+    deadline = time.monotonic() + float(os.environ.get(HOLD_S, "600"))
+    release = os.environ.get(RELEASE)
+    while time.monotonic() < deadline and not (release and os.path.exists(release)):
+        time.sleep(0.5)
