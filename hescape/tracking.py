@@ -231,6 +231,7 @@ _TRANSIENT_MESSAGES = (
     "the database system is starting up",
     "the database system is shutting down",
     "too many connections",
+    "too many clients",  # PostgreSQL: "sorry, too many clients already" (max_connections)
     "remaining connection slots are reserved",
     "temporarily unavailable",
     "max retries exceeded",
