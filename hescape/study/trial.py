@@ -34,7 +34,7 @@ from hescape.study.tune_reports import (
     finite_metrics,
     required_metrics,
 )
-from hescape.tracking import log_metrics_retry
+from hescape.tracking import TrackingUnavailable, log_metrics_retry
 from hescape.train.faults import maybe_kill_driver
 
 
@@ -129,9 +129,10 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
         lineage.finish_run(ref, run_id, "KILLED")  # the driver's MlflowCloser says why
         raise
     except BaseException as exc:  # noqa: BLE001 - record every failure, then re-raise to Tune
-        lineage.finish_run(ref, run_id, "FAILED", error=f"{type(exc).__name__}: {exc}")
         (run_dir / "error.txt").write_text(traceback.format_exc())
-        raise
+        if not isinstance(exc, TrackingUnavailable):  # else closing would wait once more;
+            lineage.finish_run(ref, run_id, "FAILED", error=f"{type(exc).__name__}: {exc}")
+        raise  # a run left RUNNING by a lost tracking server is closed by --resume
     lineage.finish_run(ref, run_id, "FINISHED")
     tune.report(checked(result, required, kind=FINAL))
 
