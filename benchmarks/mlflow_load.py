@@ -30,6 +30,7 @@ import logging
 import multiprocessing as mp
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -75,21 +76,32 @@ class TrialResult:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     retried: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)
+    signatures: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     sent_metrics: int = 0
     finished_at: float = 0.0
 
 
+# MLflow 3.17's SqlAlchemyStore.log_batch holds one pooled connection and opens a second
+# one inside it (_log_params/_log_metrics each open their own session). When every
+# connection of a worker's pool (5 + 10 overflow by default) is held by such a request, all
+# of them wait for a second one: nothing moves until SQLAlchemy's 30 s pool timeout fails
+# them ("QueuePool limit ... reached, connection timed out" = HTTP 400). A worker runs up to
+# 40 requests at once (Starlette's WSGI thread pool), so a pool of more than 40 connections
+# per worker cannot starve this way; PostgreSQL must then allow workers x pool + a margin.
+BIG_POOL = {"pool_size": 20, "max_overflow": 30}
 FULL = [
-    Scenario("64 trials", trials=64, reports=40),
-    Scenario("128 trials", trials=128, reports=20),
-    Scenario("256 trials", trials=256, reports=10),
-    # breaking points: PostgreSQL's connection limit below what the pools may open
-    Scenario("256 trials, max_connections=30", trials=256, reports=10, max_connections=30),
-    Scenario("256 trials, max_connections=30, pool 5+2", trials=256, reports=10,
-             max_connections=30, pool_size=5, max_overflow=2),
-    # one worker: every request queues on one process and its 15 connections
-    Scenario("256 trials, 1 worker", trials=256, reports=10, workers=1),
+    # MLflow's defaults (pool 5 + 10 per worker) with 2 workers: the pool starves
+    Scenario("48 trials, 2 workers, default pool", trials=48, reports=5, workers=2),
+    # the fix: a pool above the 40 concurrent requests of a worker
+    Scenario("48 trials, 2 workers, pool 20+30", trials=48, reports=5, workers=2,
+             max_connections=150, **BIG_POOL),
+    # that pool against a PostgreSQL whose max_connections is below workers x 50
+    Scenario("64 trials, pool 20+30, max_connections=30", trials=64, reports=10,
+             max_connections=30, **BIG_POOL),
+    Scenario("64 trials, pool 20+30", trials=64, reports=10, max_connections=250, **BIG_POOL),
+    Scenario("128 trials, pool 20+30", trials=128, reports=10, max_connections=250, **BIG_POOL),
+    Scenario("256 trials, pool 20+30", trials=256, reports=5, max_connections=250, **BIG_POOL),
 ]
 SMOKE = [Scenario("smoke: 8 trials", trials=8, reports=5, workers=2, max_connections=40)]
 
@@ -127,6 +139,7 @@ def _trial(index: int, url: str, exp_id: str, reports: int, files: dict[str, Pat
     def call(kind: str, fn: Any) -> Any:
         def transient(exc: BaseException) -> bool:
             res.retried[kind] += 1
+            res.signatures[error_signature(f"{type(exc).__name__}: {exc}")] += 1
             if len(res.errors) < 3:
                 res.errors.append(f"{kind}: {type(exc).__name__}: {str(exc)[:300]}")
             return is_transient_error(exc)
@@ -260,16 +273,23 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "max_ms": round(1000 * ordered[-1], 1)}
 
 
-def _server_errors(log: str) -> dict[str, int]:
-    """Error signatures in the server's log (what a failed request was)."""
-    signatures = {
-        "too many clients (PostgreSQL max_connections)": "too many clients already",
-        "reserved connection slots (PostgreSQL max_connections)": "connection slots are reserved",
-        "QueuePool exhausted (SQLAlchemy pool_size+max_overflow)": "QueuePool limit",
-        "deadlock": "deadlock detected",
-        "other OperationalError": "OperationalError",
-    }
-    return {name: log.count(text) for name, text in signatures.items() if text in log}
+SIGNATURES = {  # what a failed request said -> its name in the table
+    "QueuePool limit": "SQLAlchemy pool exhausted (30 s pool timeout)",
+    "too many clients": "PostgreSQL max_connections reached",
+    "connection slots are reserved": "PostgreSQL max_connections reached",
+    "deadlock detected": "deadlock",
+    "Read timed out": "client read timeout",
+    "Connection refused": "connection refused",
+    "Connection aborted": "connection aborted",
+}
+
+
+def error_signature(message: str) -> str:
+    """The name of a failed request's cause (``SIGNATURES``), else its first words."""
+    for text, name in SIGNATURES.items():
+        if text.lower() in message.lower():
+            return name
+    return " ".join(message.split()[:8])
 
 
 def run_scenario(sc: Scenario, workdir: Path) -> dict[str, Any]:
@@ -306,15 +326,15 @@ def run_scenario(sc: Scenario, workdir: Path) -> dict[str, Any]:
                 p.join(timeout=30)
             counted = _count(pg.libpq_uri, exp_id)
             audit = _audit(results, counted, workdir / "artifacts", sc)
-        server_errors = _server_errors(server.log_path.read_text(errors="replace"))
     latencies: dict[str, list[float]] = defaultdict(list)
-    retried, failed = Counter(), Counter()
+    retried, failed, signatures = Counter(), Counter(), Counter()
     errors: list[str] = []
     for res in results:
         for kind, vals in res.latencies.items():
             latencies[kind].extend(vals)
         retried.update(res.retried)
         failed.update(res.failed)
+        signatures.update(res.signatures)
         errors.extend(res.errors)
     n_calls = sum(len(v) for v in latencies.values())
     return {
@@ -327,7 +347,7 @@ def run_scenario(sc: Scenario, workdir: Path) -> dict[str, Any]:
         "retried": dict(retried),
         "failed": dict(failed),
         "client_errors": sorted(set(errors))[:8],
-        "server_errors": server_errors,
+        "error_causes": dict(signatures),
         **audit,
     }
 
@@ -338,7 +358,7 @@ def run_scenario(sc: Scenario, workdir: Path) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ("| scenario | workers | PG max_conn | pool | wall s | calls/s | metric values/s "
             "| log_metrics p50/p95/p99 ms | create_run p95 ms | log_artifact p95 ms "
-            "| retried | failed | lost (runs/params/tags/values/artifacts) | server errors |\n"
+            "| retried | failed | lost (runs/params/tags/values/artifacts) | what the retried errors were |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
@@ -350,7 +370,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lost = r["lost"]
         lost_s = "/".join(str(lost.get(k, 0)) for k in
                           ("runs", "params", "tags", "metric_values", "artifacts"))
-        server = "; ".join(f"{k}: {v}" for k, v in r["server_errors"].items()) or "none"
+        server = "; ".join(f"{k}: {v}" for k, v in r["error_causes"].items()) or "none"
         lines.append(
             f"| {sc['name']} | {sc['workers']} | {sc['max_connections']} | {pool} "
             f"| {r['wall_s']} | {r['calls_per_s']} | {r['metric_values_per_s']} "
@@ -362,6 +382,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _write(out: Path, name: str, info: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """``<name>.json`` and ``<name>.md`` (the table with its command), after every scenario."""
+    from hescape.atomic import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{name}.json", json.dumps({**info, "scenarios": rows}, indent=2))
+    write_text(out / f"{name}.md", f"`{info['command']}` ({info['machine']}, "
+                                          f"{info['total_s']} s)\n\n" + markdown(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mlflow_load",
                                      description=__doc__.split("\n\n")[0])
@@ -370,23 +400,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these scenario numbers (0-based) of the full list")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    # `kill <pid>` (and a backgrounded run, where SIGINT is ignored) still stops the
+    # server and PostgreSQL and removes the temp dir
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     scenarios = SMOKE if args.smoke else [s for i, s in enumerate(FULL)
                                           if args.only is None or i in args.only]
-    rows = []
+    rows: list[dict[str, Any]] = []
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="mlflow-load-") as tmp:
-        for i, sc in enumerate(scenarios):
-            print(f"[{time.time() - t0:6.0f} s] {sc.name} ...", flush=True)
-            row = run_scenario(sc, Path(tmp) / f"s{i}")
-            rows.append(row)
-            print(f"    {row['calls_per_s']} calls/s, {row['metric_values_per_s']} values/s, "
-                  f"retried {sum(row['retried'].values())}, failed "
-                  f"{sum(row['failed'].values())}, lost {row['lost']}, "
-                  f"server {row['server_errors']}", flush=True)
     name = "mlflow_load_smoke" if args.smoke else "mlflow_load"
-    args.out.mkdir(parents=True, exist_ok=True)
-    info = {"machine": f"{os.cpu_count()} cores", "python": sys.version.split()[0],
-            "total_s": round(time.time() - t0, 1),
+    info = {"machine": f"{os.cpu_count()} cores (shared)", "python": sys.version.split()[0],
             "command": "python -m benchmarks.mlflow_load" + (" --smoke" if args.smoke else "")}
     try:
         import mlflow
@@ -394,9 +416,17 @@ def main(argv: list[str] | None = None) -> int:
         info["mlflow"] = mlflow.__version__
     except ImportError:  # pragma: no cover
         pass
-    (args.out / f"{name}.json").write_text(json.dumps({**info, "scenarios": rows}, indent=2))
-    (args.out / f"{name}.md").write_text(f"`{info['command']}` ({info['machine']}, "
-                                         f"{info['total_s']} s)\n\n" + markdown(rows))
+    with tempfile.TemporaryDirectory(prefix="mlflow-load-") as tmp:
+        for i, sc in enumerate(scenarios):
+            print(f"[{time.time() - t0:6.0f} s] {sc.name} ...", flush=True)
+            row = run_scenario(sc, Path(tmp) / f"s{i}")
+            rows.append(row)
+            _write(args.out, name, {**info, "total_s": round(time.time() - t0, 1)}, rows)
+            print(f"    {row['calls_per_s']} calls/s, {row['metric_values_per_s']} values/s, "
+                  f"retried {sum(row['retried'].values())}, failed "
+                  f"{sum(row['failed'].values())}, lost {row['lost']}, "
+                  f"causes {row['error_causes']}", flush=True)
+    _write(args.out, name, {**info, "total_s": round(time.time() - t0, 1)}, rows)
     print(markdown(rows))
     lost = sum(sum(v for v in r["lost"].values()) for r in rows)
     return 0 if lost == 0 or not args.smoke else 1
