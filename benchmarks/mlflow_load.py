@@ -100,8 +100,11 @@ FULL = [
     Scenario("64 trials, pool 20+30, max_connections=30", trials=64, reports=10,
              max_connections=30, **BIG_POOL),
     Scenario("64 trials, pool 20+30", trials=64, reports=10, max_connections=250, **BIG_POOL),
-    Scenario("128 trials, pool 20+30", trials=128, reports=10, max_connections=250, **BIG_POOL),
-    Scenario("256 trials, pool 20+30", trials=256, reports=5, max_connections=250, **BIG_POOL),
+    Scenario("128 trials, pool 20+30", trials=128, reports=5, max_connections=250, **BIG_POOL),
+    Scenario("256 trials, pool 20+30", trials=256, reports=3, max_connections=250, **BIG_POOL),
+    # one worker: 32 concurrent clients on one pool of 15, the starvation is certain
+    Scenario("32 trials, 1 worker, default pool", trials=32, reports=2, workers=1),
+    Scenario("32 trials, 1 worker, pool 20+30", trials=32, reports=2, workers=1, **BIG_POOL),
 ]
 SMOKE = [Scenario("smoke: 8 trials", trials=8, reports=5, workers=2, max_connections=40)]
 
@@ -279,9 +282,22 @@ SIGNATURES = {  # what a failed request said -> its name in the table
     "connection slots are reserved": "PostgreSQL max_connections reached",
     "deadlock detected": "deadlock",
     "Read timed out": "client read timeout",
+    "too many 500 error responses": "HTTP 500 from the server",
+    "too many 503 error responses": "HTTP 503 from the server",
     "Connection refused": "connection refused",
     "Connection aborted": "connection aborted",
 }
+
+
+SERVER_LOG_SIGNATURES = {  # what the server's own log says behind a 500/503
+    "sorry, too many clients already": "PostgreSQL max_connections reached",
+    "QueuePool limit": "SQLAlchemy pool exhausted",
+    "deadlock detected": "deadlock",
+}
+
+
+def server_log_errors(log: str) -> dict[str, int]:
+    return {name: log.count(text) for text, name in SERVER_LOG_SIGNATURES.items() if text in log}
 
 
 def error_signature(message: str) -> str:
@@ -324,8 +340,11 @@ def run_scenario(sc: Scenario, workdir: Path) -> dict[str, Any]:
             wall = max(r.finished_at for r in results) - t0
             for p in procs:
                 p.join(timeout=30)
-            counted = _count(pg.libpq_uri, exp_id)
-            audit = _audit(results, counted, workdir / "artifacts", sc)
+        # counted once the server has let go of its connections (max_connections may be
+        # all taken by its pools)
+        server_log = server_log_errors(server.log_path.read_text(errors="replace"))
+        counted = _count(pg.libpq_uri, exp_id)
+        audit = _audit(results, counted, workdir / "artifacts", sc)
     latencies: dict[str, list[float]] = defaultdict(list)
     retried, failed, signatures = Counter(), Counter(), Counter()
     errors: list[str] = []
@@ -348,6 +367,7 @@ def run_scenario(sc: Scenario, workdir: Path) -> dict[str, Any]:
         "failed": dict(failed),
         "client_errors": sorted(set(errors))[:8],
         "error_causes": dict(signatures),
+        "server_log": server_log,
         **audit,
     }
 
@@ -371,6 +391,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lost_s = "/".join(str(lost.get(k, 0)) for k in
                           ("runs", "params", "tags", "metric_values", "artifacts"))
         server = "; ".join(f"{k}: {v}" for k, v in r["error_causes"].items()) or "none"
+        if r.get("server_log"):
+            server += " (server log: " + "; ".join(
+                f"{k} x{v}" for k, v in r["server_log"].items()) + ")"
         lines.append(
             f"| {sc['name']} | {sc['workers']} | {sc['max_connections']} | {pool} "
             f"| {r['wall_s']} | {r['calls_per_s']} | {r['metric_values_per_s']} "
@@ -425,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {row['calls_per_s']} calls/s, {row['metric_values_per_s']} values/s, "
                   f"retried {sum(row['retried'].values())}, failed "
                   f"{sum(row['failed'].values())}, lost {row['lost']}, "
-                  f"causes {row['error_causes']}", flush=True)
+                  f"causes {row['error_causes']} server log {row.get('server_log')}", flush=True)
     _write(args.out, name, {**info, "total_s": round(time.time() - t0, 1)}, rows)
     print(markdown(rows))
     lost = sum(sum(v for v in r["lost"].values()) for r in rows)
