@@ -231,6 +231,7 @@ _TRANSIENT_MESSAGES = (
     "the database system is starting up",
     "the database system is shutting down",
     "too many connections",
+    "too many clients",  # PostgreSQL: "sorry, too many clients already" (max_connections)
     "remaining connection slots are reserved",
     "temporarily unavailable",
     "max retries exceeded",
@@ -269,6 +270,37 @@ def is_transient_error(exc: BaseException) -> bool:
     return False
 
 
+RETRY_BUDGET_ENV = "HESCAPE_TRACKING_RETRY_S"
+DEFAULT_RETRY_BUDGET_S = 120.0
+# MLflow's own HTTP retries (urllib3, per request) default to 7 with backoff factor 2: about
+# 2 minutes per request before ``with_retry`` even sees the error, and 120 s of read timeout
+# per try. The study bounds them (``bound_http_retries``) so that ``with_retry``'s budget is
+# what decides how long a call waits for the tracking server.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+class TrackingUnavailable(ConnectionError):
+    """The tracking store kept failing with transient errors for the whole retry budget."""
+
+
+def retry_budget_s() -> float:
+    """How long a tracking call keeps retrying transient errors: ``$HESCAPE_TRACKING_RETRY_S``
+    (seconds, default 120; a server restart takes a few seconds)."""
+    raw = os.environ.get(RETRY_BUDGET_ENV, "")
+    try:
+        return max(0.0, float(raw)) if raw.strip() else DEFAULT_RETRY_BUDGET_S
+    except ValueError:
+        return DEFAULT_RETRY_BUDGET_S
+
+
+def bound_http_retries() -> None:
+    """Set MLflow's HTTP retry/timeout environment to ``HTTP_RETRY_DEFAULTS`` where the user
+    has not set them (this process and the Ray workers it starts)."""
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def with_retry(
     fn: Callable[[], T],
     *,
@@ -276,23 +308,41 @@ def with_retry(
     base_delay: float = 0.1,
     max_delay: float = 5.0,
     is_transient: Callable[[BaseException], bool] = is_transient_error,
+    budget_s: float | None = None,
 ) -> T:
     """Call ``fn()``; on a transient error retry with jittered exponential backoff.
 
-    Non-transient errors are raised at once; after ``attempts`` tries the last error is
-    raised. ``fn`` must be safe to repeat (see ``log_metrics_retry`` for how logging is).
+    Non-transient errors are raised at once. Transient ones are retried until both
+    ``attempts`` tries were made and ``budget_s`` seconds (default ``retry_budget_s()``)
+    have passed since the first failure, so a tracking server that restarts is waited for,
+    one that stays down is given up on in bounded time: then ``TrackingUnavailable`` is
+    raised from the last error. ``fn`` must be safe to repeat (see ``log_metrics_retry``).
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
-    for attempt in range(1, attempts + 1):
+    budget = retry_budget_s() if budget_s is None else max(0.0, float(budget_s))
+    first_failure: float | None = None
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
+            if not is_transient(exc):
                 raise
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            waited = now - first_failure
+            if attempt >= attempts and waited >= budget:
+                raise TrackingUnavailable(
+                    f"tracking store still failing after {attempt} tries over {waited:.0f} s "
+                    f"(${RETRY_BUDGET_ENV}={budget:g}): {type(exc).__name__}: "
+                    f"{scrub_text(str(exc))[:400]}"
+                ) from exc
+            delay = min(max_delay, base_delay * 2 ** min(attempt - 1, 30))
+            if attempt >= attempts:  # past the tries, only the budget is left: do not overshoot
+                delay = min(delay, max(0.05, budget - waited))
             time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def log_metrics_retry(

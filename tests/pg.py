@@ -142,11 +142,12 @@ def _initdb(bindir: Path, root: Path, password: str) -> None:
         raise RuntimeError(f"initdb failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
 
 
-def _start(bindir: Path, root: Path, port: int) -> subprocess.CompletedProcess:
+def _start(bindir: Path, root: Path, port: int, max_connections: int = 60
+           ) -> subprocess.CompletedProcess:
     options = (
         f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} "
         "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-        "-c max_connections=60 -c shared_buffers=32MB"
+        f"-c max_connections={int(max_connections)} -c shared_buffers=32MB"
     )
     cmd = [str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "server.log"),
            "-o", options, "-w", "-t", "60", "start"]  # fmt: skip
@@ -197,8 +198,12 @@ def _create_database(port: int, password: str, dbname: str) -> None:
 
 
 @contextmanager
-def running_postgres(dbname: str = "mlflow") -> Iterator[PostgresServer]:
-    """Start a throwaway PostgreSQL server on 127.0.0.1; stop and delete it on exit."""
+def running_postgres(dbname: str = "mlflow", *, max_connections: int = 60
+                     ) -> Iterator[PostgresServer]:
+    """Start a throwaway PostgreSQL server on 127.0.0.1; stop and delete it on exit.
+
+    ``max_connections`` is PostgreSQL's own limit (3 of them are reserved for superusers).
+    """
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", dbname):
         raise ValueError(f"database name {dbname!r}: use lower-case letters, digits and _")
     bindir = find_pg_bindir()
@@ -211,7 +216,7 @@ def running_postgres(dbname: str = "mlflow") -> Iterator[PostgresServer]:
         _initdb(bindir, root, password)
         for _attempt in range(3):  # a free port can be taken between probe and bind
             port = _free_port()
-            res = _start(bindir, root, port)
+            res = _start(bindir, root, port, max_connections)
             started = res.returncode == 0
             if started:
                 break

@@ -13,6 +13,7 @@ from pg import postgres_server, postgres_uri  # noqa: F401 - fixtures
 
 from hescape import tracking
 from hescape.tracking import (
+    TrackingUnavailable,
     flatten,
     is_transient_error,
     log_metrics_retry,
@@ -224,9 +225,11 @@ def test_with_retry_gives_up_and_does_not_retry_real_errors(monkeypatch) -> None
         calls.append(1)
         raise sqlite3.OperationalError("database is locked")
 
-    with pytest.raises(sqlite3.OperationalError):
-        with_retry(locked, attempts=4, base_delay=0.01)
+    with pytest.raises(TrackingUnavailable) as info:
+        with_retry(locked, attempts=4, base_delay=0.01, budget_s=0)
     assert len(calls) == 4
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert "4 tries" in str(info.value) and "database is locked" in str(info.value)
 
     calls.clear()
 
@@ -239,6 +242,35 @@ def test_with_retry_gives_up_and_does_not_retry_real_errors(monkeypatch) -> None
     assert len(calls) == 1
     with pytest.raises(ValueError, match="attempts"):
         with_retry(lambda: None, attempts=0)
+
+
+def test_with_retry_waits_out_its_time_budget_then_gives_up(monkeypatch) -> None:
+    """Past its tries, a transient error is retried until the budget (a server restart) has
+    passed since the first failure; then TrackingUnavailable, never an endless wait."""
+    clock = [1000.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setenv("HESCAPE_TRACKING_RETRY_S", "30")
+    calls = []
+
+    def down_for_20_s() -> str:
+        calls.append(clock[0])
+        if clock[0] - calls[0] < 20:
+            raise ConnectionRefusedError("connection refused")
+        return "ok"
+
+    assert with_retry(down_for_20_s, attempts=3) == "ok"
+    assert len(calls) > 3  # kept going past its 3 tries, inside the 30 s budget
+
+    calls.clear()
+
+    def down() -> None:
+        calls.append(clock[0])
+        raise ConnectionRefusedError("connection refused")
+
+    with pytest.raises(TrackingUnavailable, match="HESCAPE_TRACKING_RETRY_S=30"):
+        with_retry(down, attempts=3)
+    assert 30 <= calls[-1] - calls[0] <= 40  # gave up once the budget had passed
 
 
 def test_is_transient_error_sees_wrapped_causes() -> None:

@@ -55,7 +55,14 @@ from hescape.study.tuner import (
     seed_points,
     set_tune_output,
 )
-from hescape.tracking import resolve_tracking_uri
+from hescape.tracking import (
+    RETRY_BUDGET_ENV,
+    TrackingUnavailable,
+    bound_http_retries,
+    resolve_tracking_uri,
+    retry_budget_s,
+    scrub_text,
+)
 from hescape.train.faults import arm_driver, maybe_kill_driver
 
 log = logging.getLogger("hescape.study")
@@ -244,6 +251,7 @@ def run_study(
         paired = load_paired(data_path)
         refuse(source, data_problems(cfg, paired), "the data and the config")
     arm_driver()  # tests only: HESCAPE_FAULT_KILL_DRIVER_AT
+    bound_http_retries()  # before Ray starts: its workers inherit the environment
     init_ray(address, logging_level=logging.INFO if verbose else logging.WARNING)
     import ray
 
@@ -276,7 +284,7 @@ def run_study(
     _write_study_json(study_dir, cfg, source, ref=ref, started=started)
     result = StudyResult(cfg.name, study_dir, ref.parent_run_id, uri)
     status = "FAILED"
-    rollback = disk_full = False
+    rollback = disk_full = tracking_down = False
     previous = _install_signal_handlers()
     try:
         lineage.log_dataset(ref, ref.parent_run_id, paired)  # MLflow's Dataset column, filters
@@ -320,6 +328,9 @@ def run_study(
         if is_disk_full(exc):  # resumable once space is freed: keep everything, KILLED
             status, disk_full = "KILLED", True
             raise DiskFull(full_path(exc, uri), "could not write") from exc
+        if isinstance(exc, TrackingUnavailable) or _is_tracking_down(exc):
+            tracking_down = True
+            raise StudyFailed(tracking_down_message(uri, exc)) from exc
         rollback = not resume and not (read_study_json(study_dir) or {}).get("trials_started")
         raise
     finally:
@@ -327,7 +338,7 @@ def run_study(
         console.restore_warnings()
         if disk_full:
             _finish_on_full_disk(ref, status)
-        else:
+        elif not tracking_down:  # else closing the parent would wait out another retry budget
             lineage.finish_run(ref, ref.parent_run_id, status)
         if rollback:  # failed before its first trial: leave nothing that blocks a re-run
             _rollback(study_dir, ref)
@@ -358,6 +369,28 @@ def _tune_console(verbose: bool) -> None:
         drop = console.DropTrialTracebacks()
         for name in ("ray.tune", "ray.tune.execution.tune_controller"):
             logging.getLogger(name).addFilter(drop)
+
+
+def _is_tracking_down(exc: BaseException) -> bool:
+    """True when ``exc`` is, or was caused by, a ``TrackingUnavailable`` (a Tune callback or
+    a trial's error can wrap it)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, TrackingUnavailable) or type(cur).__name__ == "TrackingUnavailable":
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def tracking_down_message(uri: str, exc: BaseException) -> str:
+    """One line: which tracking server is unreachable, for how long it was waited for, and
+    what to do."""
+    return (f"MLflow tracking server {scrub_text(uri)} unreachable: the study waited "
+            f"{retry_budget_s():g} s for it (${RETRY_BUDGET_ENV}) and stopped. Start the server "
+            "again (or fix MLFLOW_TRACKING_URI / mlflow.tracking_uri), then run the same "
+            f"command with --resume. Last error: {scrub_text(str(exc)).splitlines()[0][:300]}")
 
 
 def _raise_if_all_failed(cfg: StudyConfig, ref, study_dir: Path) -> None:

@@ -251,7 +251,17 @@ def open_child(
         TAG_RUN_NAME: name,
         **tags,
     }
-    run = with_retry(lambda: client.create_run(ref.experiment_id, tags=all_tags, run_name=name))
+    tried = []
+
+    def create() -> Any:
+        # a retried create_run whose first try reached the server (the answer was lost in a
+        # restart) would open a second run for the trial: look for the first one before
+        if tried and (found := find_child(ref, trial_id)) is not None:
+            return found
+        tried.append(1)
+        return client.create_run(ref.experiment_id, tags=all_tags, run_name=name)
+
+    run = with_retry(create)
     inputs = list(parent.inputs.dataset_inputs) if parent.inputs else []
     if inputs:
         with_retry(lambda: client.log_inputs(run.info.run_id, datasets=inputs))

@@ -35,7 +35,7 @@ from hescape.study.tune_reports import (
     finite_metrics,
     required_metrics,
 )
-from hescape.tracking import log_metrics_retry
+from hescape.tracking import TrackingUnavailable, log_metrics_retry
 from hescape.train.faults import maybe_hold, maybe_kill_driver
 
 
@@ -139,7 +139,7 @@ def run_trial(config: dict[str, Any], shared: SharedContext) -> None:
         raise
     except BaseException as exc:  # noqa: BLE001 - record every failure, then re-raise to Tune
         _record_failure(ref, run_id, run_dir, exc)
-        raise
+        raise  # a run left RUNNING by a lost tracking server is closed by --resume
     lineage.finish_run(ref, run_id, "FINISHED", tags=run_view.outcome_tags(run_view.COMPLETED))
     tune.report(checked(result, required, kind=FINAL))
 
@@ -153,9 +153,10 @@ def _record_failure(ref: lineage.LineageRef, run_id: str, run_dir: Path,
 
     text = traceback.format_exc()
     try:
-        with quiet_if_disk_full(exc):
-            lineage.finish_run(ref, run_id, "FAILED", error=f"{type(exc).__name__}: {exc}",
-                               tags=run_view.outcome_tags(run_view.FAILED))
+        if not isinstance(exc, TrackingUnavailable):  # else closing would wait once more
+            with quiet_if_disk_full(exc):
+                lineage.finish_run(ref, run_id, "FAILED", error=f"{type(exc).__name__}: {exc}",
+                                   tags=run_view.outcome_tags(run_view.FAILED))
         atomic.write_text(run_dir / "error.txt", text)
     except Exception as err:
         if not (is_disk_full(exc) and is_disk_full(err)):
