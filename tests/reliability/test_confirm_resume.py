@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability import test_kill_anywhere as ka
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -52,19 +54,6 @@ def _run(store: Path, *extra: str, fault: str | None = None, marker: Path | None
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _runs(store: Path):
-    from mlflow.tracking import MlflowClient
-
-    from hescape.study.lineage import LineageRef, child_runs, find_parent
-
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("tiny")
-    parent = find_parent(client, exp.experiment_id, "tiny")
-    return client, client.get_run(parent), child_runs(LineageRef(uri, exp.experiment_id,
-                                                                 parent, "tiny"))
-
-
 def _by_trial(runs) -> dict[tuple[str, str, str, str], object]:
     out = {}
     for run in runs:
@@ -89,8 +78,8 @@ def test_confirm_phase_on_donor_folds_resumes_after_kills(tmp_path):
     final = _run(store, "--resume")
     assert final.returncode == 0, final.stderr[-3000:]
 
-    client, parent, runs = _runs(store)
-    ref_client, _, ref_runs = _runs(tmp_path / "reference")
+    client, parent, runs = ka._runs(store)
+    ref_client, _, ref_runs = ka._runs(tmp_path / "reference")
     got, want = _by_trial(runs), _by_trial(ref_runs)
     assert sorted(got) == sorted(want)
     confirm = [k for k in got if k[0] == "confirm"]

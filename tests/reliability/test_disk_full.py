@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.reliability import test_kill_anywhere as ka
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -90,29 +92,6 @@ def _run(store: Path, *extra: str, fill: str | None = None, marker: Path | None 
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           start_new_session=True,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def _runs(store: Path):
-    from mlflow.tracking import MlflowClient
-
-    from hescape.study.lineage import LineageRef, child_runs, find_parent
-
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("tiny")
-    parent = find_parent(client, exp.experiment_id, "tiny")
-    return client, client.get_run(parent), child_runs(LineageRef(uri, exp.experiment_id,
-                                                                 parent, "tiny"))
-
-
-def _by_config(runs) -> dict[tuple[str, str, str], object]:
-    out = {}
-    for run in runs:
-        tags = run.data.tags
-        key = (tags["hescape.phase"], tags["hescape.config_id"], tags["hescape.seed"])
-        assert key not in out, f"configuration trained twice: {key}"
-        out[key] = run
-    return out
 
 
 def _compared(metrics: dict[str, float]) -> dict[str, float]:
@@ -217,9 +196,9 @@ def test_a_full_disk_stops_the_study_cleanly_and_resume_completes_it(tmp_path, s
     check_every_file_loads(store)
 
     # the same trials as the uninterrupted study, one run each, none RUNNING
-    client, parent, runs = _runs(store)
-    ref_client, _, ref_runs = _runs(tmp_path / "reference")
-    got, want = _by_config(runs), _by_config(ref_runs)
+    client, parent, runs = ka._runs(store)
+    ref_client, _, ref_runs = ka._runs(tmp_path / "reference")
+    got, want = ka._by_config(runs), ka._by_config(ref_runs)
     assert sorted(got) == sorted(want) and len(got) == NUM_SAMPLES
     assert len({r.data.tags["ray.trial_id"] for r in runs}) == len(runs)
     assert parent.info.status == "FINISHED"
