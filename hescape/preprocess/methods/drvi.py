@@ -35,22 +35,28 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import numpy as np
 from pydantic import Field
 from scipy import sparse
 
 from hescape.preprocess.expression import MethodInput, MethodOutput, check_batch_key
-from hescape.preprocess.methods.scvi import _cpu_threads, _quiet, train
-from hescape.preprocess.spec import MethodOptions, MethodSpec, register
+from hescape.preprocess.methods.scvi import (
+    VaeOptions,
+    _cpu_threads,
+    _quiet,
+    check_integer_counts,
+    train,
+)
+from hescape.preprocess.spec import MethodSpec, register
 
 SEED = 0
 KL_WARMUP_CAP = 400  # scvi-tools' default n_epochs_kl_warmup (DRVI tutorial: no change >= 400)
 COVARIATE = "_hescape_drvi_covariate"
 
 
-class DrviOptions(MethodOptions):
+class DrviOptions(VaeOptions):
     n_latent: int = Field(128, ge=2, description="latent dimensions (DRVI tutorial, HESCAPE)")
     n_layers: int = Field(2, ge=1, description="hidden layers of encoder and of decoder")
     n_hidden: int = Field(128, ge=8, description="width of each hidden layer")
@@ -60,14 +66,6 @@ class DrviOptions(MethodOptions):
     encode_covariates: bool = Field(
         True, description="encoder sees the covariate (needed for scArches query mapping); "
         "false = DRVI's default, held-out donors encoded without query training")
-    max_epochs: Optional[int] = Field(  # noqa: UP045 - pydantic field type
-        None, ge=1, description="null = scvi-tools' rule min(round(20000/n_cells*400), 400)")
-    early_stopping: bool = Field(True, description="stop on the held-out cells' ELBO")
-    early_stopping_patience: int = Field(45, ge=1, description="epochs (scvi-tools' default)")
-    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5,
-                                       description="cells held out for early stopping")
-    mode: Literal["inductive", "transductive"] = "inductive"
-    allow_non_integer: bool = False
 
 
 def check_input(adata: Any, opts: DrviOptions) -> None:
@@ -77,15 +75,7 @@ def check_input(adata: Any, opts: DrviOptions) -> None:
                          "not an obs column; available: "
                          f"{', '.join(map(str, adata.obs.columns)) or '(none)'} (null uses "
                          "data.batch_key)")
-    if opts.allow_non_integer:
-        return
-    x = adata.X
-    data = x.data if sparse.issparse(x) else np.asarray(x)
-    bad = data != np.round(data)
-    if np.any(bad):
-        raise ValueError(f"DRVI models raw integer counts, but adata.X holds non-integers (e.g. "
-                         f"{data[bad].ravel()[0]!r}); pass the raw counts, or set "
-                         "preprocess.expression.drvi.allow_non_integer: true to proceed anyway")
+    check_integer_counts(adata, opts, "drvi", "DRVI")
 
 
 def covariate_values(inp: MethodInput, opts: DrviOptions) -> np.ndarray:

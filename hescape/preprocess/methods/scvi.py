@@ -46,19 +46,25 @@ ARCHES = {"use_layer_norm": "both", "use_batch_norm": "none", "encode_covariates
           "dropout_rate": 0.2}
 
 
-class ScviOptions(MethodOptions):
-    n_latent: int = Field(10, ge=2)
-    n_layers: int = Field(1, ge=1)
-    n_hidden: int = Field(128, ge=8)
+class VaeOptions(MethodOptions):
+    """Architecture, training length and input checks shared by the scvi-tools models (scVI,
+    DRVI); the defaults are scVI's, a subclass overrides them."""
+
+    n_latent: int = Field(10, ge=2, description="latent dimensions")
+    n_layers: int = Field(1, ge=1, description="hidden layers of encoder and of decoder")
+    n_hidden: int = Field(128, ge=8, description="width of each hidden layer")
     max_epochs: Optional[int] = Field(  # noqa: UP045 - pydantic field type
         None, ge=1, description="null = scvi-tools' rule min(round(20000/n_cells*400), 400)")
     early_stopping: bool = Field(True, description="stop on the held-out cells' ELBO")
     early_stopping_patience: int = Field(45, ge=1, description="epochs (scvi-tools' default)")
     validation_fraction: float = Field(0.1, gt=0.0, lt=0.5,
                                        description="cells held out for early stopping")
-    output: Literal["latent", "normalized"] = "latent"
     mode: Literal["inductive", "transductive"] = "inductive"
     allow_non_integer: bool = False
+
+
+class ScviOptions(VaeOptions):
+    output: Literal["latent", "normalized"] = "latent"
 
 
 def show_progress(progress: bool) -> bool:
@@ -95,8 +101,9 @@ def _quiet():
                 logging.getLogger(n).setLevel(lvl)
 
 
-def check_integer_counts(adata: Any, opts: ScviOptions) -> None:
-    """Raise unless ``adata.X`` holds whole numbers (scVI models counts)."""
+def check_integer_counts(adata: Any, opts: VaeOptions, method: str = "scvi",
+                         model: str = "scVI") -> None:
+    """Raise unless ``adata.X`` holds whole numbers (the models' count likelihood)."""
     if opts.allow_non_integer:
         return
     x = adata.X
@@ -104,9 +111,10 @@ def check_integer_counts(adata: Any, opts: ScviOptions) -> None:
     bad = data != np.round(data)
     if np.any(bad):
         example = data[bad].ravel()[0]
-        raise ValueError(f"scVI needs raw integer counts, but adata.X holds non-integers (e.g. "
-                         f"{example!r}); pass the raw counts, or set "
-                         "preprocess.expression.scvi.allow_non_integer: true to proceed anyway")
+        raise ValueError(f"{model} models raw integer counts, but adata.X holds non-integers "
+                         f"(e.g. {example!r}); pass the raw counts, or set "
+                         f"preprocess.expression.{method}.allow_non_integer: true to proceed "
+                         "anyway")
 
 
 def _counts_adata(inp: MethodInput, genes: np.ndarray) -> Any:
@@ -120,11 +128,12 @@ def _counts_adata(inp: MethodInput, genes: np.ndarray) -> Any:
     return out
 
 
-def train(model: Any, opts: ScviOptions, progress: bool, prefix: str = "",
+def train(model: Any, opts: VaeOptions, progress: bool, prefix: str = "",
           **plan: Any) -> dict[str, Any]:
     """Train ``model`` with the configured length rule; returns what happened (info keys)."""
     stop = opts.early_stopping
-    model.train(max_epochs=opts.max_epochs,  # None: scvi-tools applies its own rule accelerator="auto", devices=1, batch_size=BATCH_SIZE,
+    model.train(max_epochs=opts.max_epochs,  # None: scvi-tools applies its own rule
+                accelerator="auto", devices=1, batch_size=BATCH_SIZE,
                 enable_progress_bar=show_progress(progress), enable_model_summary=False,
                 enable_checkpointing=False, plan_kwargs=plan or None,
                 train_size=1.0 - opts.validation_fraction if stop else 1.0,
