@@ -87,3 +87,42 @@ def stop_nodes(*temp_dirs: str) -> None:
                 except ProcessLookupError:
                     pass
         time.sleep(2)
+
+
+STARTUP_TIMEOUT = "timed out during startup"
+
+
+def start_node(cmd: list[str], temp_dir: str, env: dict[str, str], *, attempts: int = 3):
+    """Run a `ray start` command; a node whose raylet missed Ray's fixed 30 s registration
+    window (a loaded 2-core machine) is stopped and started again, up to ``attempts`` times.
+    Returns the last ``CompletedProcess`` (the caller asserts on its return code)."""
+    import subprocess
+
+    for attempt in range(attempts):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if out.returncode == 0 or STARTUP_TIMEOUT not in out.stderr + out.stdout:
+            return out
+        stop_nodes(temp_dir)
+        time.sleep(5 * (attempt + 1))
+    return out
+
+
+def start_cluster(head_cpus: int, worker_cpus: list[int], *, attempts: int = 3):
+    """A ``ray.cluster_utils.Cluster`` with a head and one node per ``worker_cpus`` entry,
+    started again (after a full shutdown) when a node misses Ray's 30 s start-up window."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(attempts):
+        cluster = None
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+            for cpus in worker_cpus:
+                cluster.add_node(num_cpus=cpus)
+            return cluster
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if STARTUP_TIMEOUT not in str(e) or attempt == attempts - 1:
+                raise
+            if cluster is not None:
+                cluster.shutdown()
+            time.sleep(5 * (attempt + 1))
+    raise AssertionError("unreachable")

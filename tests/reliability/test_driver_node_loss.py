@@ -29,6 +29,7 @@ from tests.reliability.ray_nodes import (
     kill_node,
     node_ports,
     pids_under,
+    start_node,
     stop_nodes,
 )
 
@@ -52,8 +53,8 @@ def two_node_cluster():
             f"--resources={json.dumps({DRIVER_RESOURCE: 1})}", "--node-ip-address=127.0.0.1",
             f"--temp-dir={node_tmp}", "--disable-usage-stats", *node_ports()]
     try:
-        for cmd in (head, node):
-            out = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=180)
+        for cmd, temp_dir in ((head, head_tmp), (node, node_tmp)):
+            out = start_node(cmd, temp_dir, cli_env())
             assert out.returncode == 0, (cmd, out.stderr[-3000:])
         yield {"dashboard": f"http://127.0.0.1:{dash}", "node_tmp": node_tmp}
     finally:

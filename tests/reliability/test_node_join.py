@@ -19,12 +19,11 @@ def test_node_that_joins_mid_study_gets_the_pending_trial(tmp_path):
     PENDING while the first holds its node; a node joined then with ``ray start --address``
     (as a user adds a machine) runs it: its MLflow run names the new node."""
     import shutil
-    import subprocess
     import tempfile
 
     import ray
 
-    from tests.reliability.ray_nodes import BIN, cli_env, node_ports, stop_nodes
+    from tests.reliability.ray_nodes import BIN, cli_env, node_ports, start_node, stop_nodes
 
     env = nl._hold_env(tmp_path, "report:3")
     marker, release = Path(env["HESCAPE_FAULT_MARKER"]), Path(env["HESCAPE_FAULT_RELEASE"])
@@ -37,10 +36,10 @@ def test_node_that_joins_mid_study_gets_the_pending_trial(tmp_path):
             held_node, _, _ = nl._read_marker(marker)
             seen["held"] = held_node
             before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-            out = subprocess.run(
+            out = start_node(
                 [str(BIN / "ray"), "start", f"--address={cluster.address}", "--num-cpus=1",
                  f"--temp-dir={join_tmp}", "--disable-usage-stats", *node_ports()],
-                env=cli_env(token=False), capture_output=True, text=True, timeout=180)
+                join_tmp, cli_env(token=False))
             assert out.returncode == 0, out.stderr[-2000:]
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and "joined" not in seen:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability.ray_nodes import start_cluster
+
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS, EVAL_EVERY = 9, 3
 pytestmark = pytest.mark.slow
@@ -62,14 +64,11 @@ def _study(tmp_path: Path, env: dict[str, str], workers: int, watcher, *extra: s
     nodes while ``watcher(cluster, seen)`` runs beside it; (result, seen, trial runs)."""
     import ray
     from mlflow.tracking import MlflowClient
-    from ray.cluster_utils import Cluster
 
     from hescape.config import load_config
     from hescape.study.driver import run_study
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(workers):
-        cluster.add_node(num_cpus=1)
+    cluster = start_cluster(0, [1] * workers)
     seen: dict = {}
     try:
         # the trial processes get the fault switches; this process (the driver) does not

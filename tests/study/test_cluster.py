@@ -2,85 +2,46 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.reliability.ray_nodes import (
+    BIN,
+    cli_env,
+    free_port,
+    node_ports,
+    start_cluster,
+    start_node,
+    stop_nodes,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_TOKEN = secrets.token_hex(32)
-
-
-def _env() -> dict[str, str]:
-    # Start Ray from the venv so its workers (and `python` in the job) find the package.
-    # Ray 2.60's job server demands a token: the cluster and the client share one.
-    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
-            "TQDM_DISABLE": "1", "RAY_DEDUP_LOGS": "0", "RAY_ADDRESS": "",
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _TOKEN}
-
-
-def _pids_under(temp_dir: str) -> list[int]:
-    import psutil
-
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in part for part in p.info["cmdline"] or []):
-                pids.append(p.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return pids
 
 
 @pytest.fixture
 def ray_head():
     """`ray start --head` on 127.0.0.1 with its own temp dir; stopped afterwards by PID."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: unix socket path limit
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # every port free-picked: a fixed default (agent 52365, client 10001) held by another Ray
     # on this machine leaves the job agent down and `ray job submit` waiting forever
-    extra = {flag: _free_port() for flag in (
-        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-        "--ray-client-server-port", "--metrics-export-port", "--runtime-env-agent-port")}
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           *(f"{flag}={p}" for flag, p in extra.items())]
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
+           f"--ray-client-server-port={free_port()}", *node_ports()]
     try:
+        out = start_node(cmd, temp_dir, cli_env())
+        assert out.returncode == 0, out.stderr[-3000:]
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}",
                "temp_dir": temp_dir}
     finally:
-        for pid in _pids_under(temp_dir):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
-        for pid in _pids_under(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_nodes(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -91,7 +52,7 @@ def test_ray_job_submit_runs_a_study(ray_head, tmp_path):
            "python", "study/run.py", "experiments/tiny.yaml", f"--set=storage_dir={storage}",
            "--set=sweep.params.loss.name.values=[clip]"]
     for _ in range(90):  # the job agent comes up a few seconds after `ray start`
-        out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+        out = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                              timeout=420)
         if "No available agent" not in out.stderr + out.stdout:
             break
@@ -111,13 +72,11 @@ def test_ray_job_submit_runs_a_study(ray_head, tmp_path):
 def test_two_worker_trial_spans_two_nodes(tmp_path):
     """Two 1-CPU nodes on this machine; a 2-worker (1 CPU each) trial must use both."""
     import ray
-    from ray.cluster_utils import Cluster
 
     from hescape.config import load_config
     from hescape.study.driver import run_study
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    cluster = start_cluster(1, [1])
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
@@ -141,7 +100,7 @@ def test_two_worker_trial_spans_two_nodes(tmp_path):
 
 
 def _ray_job(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), "job", *args], cwd=ROOT, env=_env(),
+    return subprocess.run([str(BIN / "ray"), "job", *args], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
