@@ -296,18 +296,26 @@ class _Trial:
                 finite_metrics(values), self.required), step=int(step))
 
 
+def _start(trial: _Trial) -> TrialProgress:
+    """What every trial does first (unbatched or stacked): log its params and resolved
+    config, read how far it got, and report that to the scheduler if it was under way."""
+    cfg = trial.cfg
+    lineage.log_params(trial.ref, trial.run_id, cfg.model_dump(), base=trial.base)
+    lineage.log_json_artifact(trial.ref, trial.run_id, cfg.model_dump(), "resolved_config.json")
+    progress = read_progress(trial.run_dir, cfg)
+    if progress.step > 0:
+        _report_resumed(trial, progress)
+    return progress
+
+
 def _train_and_evaluate(trial: _Trial, inputs: TrialInputs) -> dict[str, Any]:
     """Train what remains, evaluate the best checkpoint unless already logged; the final
     report (last training report + evaluation)."""
     from hescape.train import fit
     from hescape.train.inputs import train_inputs
 
-    cfg, ref = trial.cfg, trial.ref
-    lineage.log_params(ref, trial.run_id, cfg.model_dump(), base=trial.base)
-    lineage.log_json_artifact(ref, trial.run_id, cfg.model_dump(), "resolved_config.json")
-    progress = read_progress(trial.run_dir, cfg)
-    if progress.step > 0:
-        _report_resumed(trial, progress)
+    cfg = trial.cfg
+    progress = _start(trial)
     if progress.training_done:
         fitted = progress.fit_result()
     else:  # fit resumes from the newest checkpoint in its run directory
@@ -396,12 +404,8 @@ def _stacked_train_and_evaluate(trial: _Trial, shared: Any, name: str) -> dict[s
     service computed. Leaving for any reason (ASHA's stop included) drops the member."""
     import ray
 
-    cfg, ref = trial.cfg, trial.ref
-    lineage.log_params(ref, trial.run_id, cfg.model_dump(), base=trial.base)
-    lineage.log_json_artifact(ref, trial.run_id, cfg.model_dump(), "resolved_config.json")
-    progress = read_progress(trial.run_dir, cfg)
-    if progress.step > 0:
-        _report_resumed(trial, progress)
+    cfg = trial.cfg
+    progress = _start(trial)
     if progress.training_done and progress.evaluation is not None:
         return final_report(progress.metrics, progress.evaluation)
     handle = stacking.join(shared, cfg, name, str(trial.run_dir),
