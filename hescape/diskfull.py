@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from hescape.tracking import exception_chain
+
 __all__ = ["DiskFull", "disk_full_message", "full_path", "is_disk_full", "path_in_text",
            "quiet_if_disk_full", "quiet_store_errors", "text_is_disk_full"]
 
@@ -40,21 +42,9 @@ def text_is_disk_full(text: str | None) -> bool:
     return bool(text) and any(s in text for s in DISK_FULL_TEXT)
 
 
-def _chain(exc: BaseException | None):
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        cur = todo.pop()
-        if cur is None or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        yield cur
-        todo += [cur.__cause__, cur.__context__, getattr(cur, "orig", None)]
-
-
 def is_disk_full(exc: BaseException | None) -> bool:
     """True when ``exc`` or one of its causes is a write that found no space."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS):
             return True
         if text_is_disk_full(str(e)):
@@ -72,7 +62,7 @@ def full_path(exc: BaseException | None, tracking_uri: str | None = None) -> str
     """The path the failed write named: an ``OSError``'s file name, a ``DiskFull``'s path,
     one named in the text, or the sqlite file of ``tracking_uri`` for sqlite's message."""
     sqlite = False
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, DiskFull) and e.path:
             return e.path
         if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS and e.filename:

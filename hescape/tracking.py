@@ -242,7 +242,9 @@ _TRANSIENT_MESSAGES = (
 _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
 
 
-def _exception_chain(exc: BaseException) -> Iterable[BaseException]:
+def exception_chain(exc: BaseException | None) -> Iterable[BaseException]:
+    """``exc`` and every exception behind it (cause, context, SQLAlchemy's ``orig``),
+    each once."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -259,7 +261,7 @@ def is_transient_error(exc: BaseException) -> bool:
 
     Looks through the whole exception chain (MLflow wraps SQLAlchemy, which wraps the driver).
     """
-    for cur in _exception_chain(exc):
+    for cur in exception_chain(exc):
         if isinstance(cur, _TRANSIENT_TYPES):
             return True
         message = str(cur).lower()

@@ -6,13 +6,12 @@ error and says it in one line."""
 from __future__ import annotations
 
 import errno
-import os
 import sqlite3
-import subprocess
 
 import numpy as np
 import pytest
 import torch
+from tmpfs import mounted_tmpfs
 
 from hescape import atomic
 from hescape.diskfull import disk_full_message, full_path, is_disk_full
@@ -20,16 +19,8 @@ from hescape.diskfull import disk_full_message, full_path, is_disk_full
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    where = tmp_path / "fs"
-    where.mkdir()
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    opts = f"size=1m,uid={os.getuid()},gid={os.getgid()},mode=0755"
-    made = subprocess.run([*sudo, "mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip()})")
-    yield where
-    subprocess.run([*sudo, "umount", "-l", str(where)], capture_output=True)
+    with mounted_tmpfs(tmp_path / "fs", "1m") as where:
+        yield where
 
 
 def _full(exc: pytest.ExceptionInfo, path) -> None:

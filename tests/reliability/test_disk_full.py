@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tmpfs import mounted_tmpfs
 
 from tests.reliability import test_kill_anywhere as ka
 
@@ -56,24 +57,14 @@ OVERRIDES = [
     "--set=train.max_steps=6", "--set=train.eval_every=3",
     "--set=sweep.confirm.enabled=false",
 ]
-COMPARED_PREFIXES = ("val/", "test/", "train/")
-NOT_COMPARED = ("train/steps_per_s",)
 
 
 @pytest.fixture
 def small_fs(tmp_path):
     """A fresh tmpfs of ``FS_SIZE`` at ``tmp_path/fs`` (unmounted afterwards)."""
-    where = tmp_path / "fs"
-    where.mkdir()
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    opts = f"size={FS_SIZE},uid={os.getuid()},gid={os.getgid()},mode=0755"
-    made = subprocess.run([*sudo, "mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip()}); the disk-full "
-                    "test needs root or passwordless sudo")
-    yield where
-    subprocess.run([*sudo, "umount", "-l", str(where)], capture_output=True)
+    with mounted_tmpfs(tmp_path / "fs", FS_SIZE,
+                       "; the disk-full test needs root or passwordless sudo") as where:
+        yield where
 
 
 def _run(store: Path, *extra: str, fill: str | None = None, marker: Path | None = None,
@@ -92,11 +83,6 @@ def _run(store: Path, *extra: str, fill: str | None = None, marker: Path | None 
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           start_new_session=True,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def _compared(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items()
-            if k.startswith(COMPARED_PREFIXES) and k not in NOT_COMPARED}
 
 
 def check_every_file_loads(store: Path) -> dict[str, int]:
@@ -202,21 +188,7 @@ def test_a_full_disk_stops_the_study_cleanly_and_resume_completes_it(tmp_path, s
     assert sorted(got) == sorted(want) and len(got) == NUM_SAMPLES
     assert len({r.data.tags["ray.trial_id"] for r in runs}) == len(runs)
     assert parent.info.status == "FINISHED"
-    for key, run in got.items():
-        ref = want[key]
-        assert run.info.status == ref.info.status, (key, run.data.tags.get("hescape.error"))
-        outcome = run.data.tags.get("hescape.outcome")
-        assert outcome == ref.data.tags.get("hescape.outcome"), key
-        assert run.info.status == "FINISHED" and outcome in ("completed", "stopped early"), key
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
-        ref_steps = [m.step for m in ref_client.get_metric_history(ref.info.run_id, "val/loss")]
-        assert sorted(steps) == sorted(ref_steps) and len(set(steps)) == len(steps), key
-        if outcome == "completed":  # a trial ASHA stopped early has no test metrics
-            assert "hescape.error" not in run.data.tags, key
-            a, b = _compared(run.data.metrics), _compared(ref.data.metrics)
-            assert set(a) == set(b) and any(k.startswith("test/") for k in a), key
-            for name in a:
-                assert a[name] == pytest.approx(b[name], rel=1e-6, abs=1e-9), (key, name)
+    ka._assert_runs_match(client, got, ref_client, want)
     report = store / "tiny" / "report" / "report.md"
     assert report.is_file() and "Leaderboard" in report.read_text()
     shutil.rmtree(store, ignore_errors=True)

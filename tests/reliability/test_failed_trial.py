@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_nan_trial_fails_and_study_continues(tmp_path):
+def _study(tmp_path: Path, *extra: str, env: dict[str, str] | None = None):
+    """The tiny study with two trials, lr 0.001 and 1e30 (its loss turns non-finite), run as
+    a user runs it; (its output, the MLflow client, the parent run id, the runs by lr)."""
     from mlflow.tracking import MlflowClient
 
     from hescape.study.lineage import LineageRef, child_runs, find_parent
@@ -22,8 +24,8 @@ def test_nan_trial_fails_and_study_continues(tmp_path):
     args = [sys.executable, str(ROOT / "study/run.py"), str(ROOT / "experiments/tiny.yaml"),
             f"--set=storage_dir={tmp_path}", "--set=sweep.params.loss.name.values=[clip]",
             "--set=sweep.params.train.lr={type: choice, values: [0.001, 1.0e30]}",
-            "--set=train.max_steps=12", "--set=sweep.max_concurrent=1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+            "--set=train.max_steps=12", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -33,6 +35,11 @@ def test_nan_trial_fails_and_study_continues(tmp_path):
     runs = child_runs(LineageRef(uri, exp.experiment_id, parent, "tiny"))
     by_lr = {float(r.data.params["train.lr"]): r for r in runs}
     assert sorted(by_lr) == [0.001, 1.0e30] and len(runs) == 2  # one run per trial
+    return out, client, parent, by_lr
+
+
+def test_nan_trial_fails_and_study_continues(tmp_path):
+    out, client, parent, by_lr = _study(tmp_path, "--set=sweep.max_concurrent=1")
     bad, good = by_lr[1.0e30], by_lr[0.001]
     assert bad.info.status == "FAILED"
     assert "non-finite loss at step" in bad.data.tags["hescape.error"]
@@ -52,26 +59,9 @@ def test_a_trial_failing_beside_a_running_one_fails_alone(tmp_path):
     2-CPU local Ray; ``train.gpus_per_trial`` < 1 packs them on one GPU the same way,
     GPU-only), one raises (non-finite loss) while the other trains: the other FINISHED with
     its evaluation, the failed one FAILED with the reason."""
-    from mlflow.tracking import MlflowClient
-
-    from hescape.study.lineage import LineageRef, child_runs, find_parent
-
-    args = [sys.executable, str(ROOT / "study/run.py"), str(ROOT / "experiments/tiny.yaml"),
-            f"--set=storage_dir={tmp_path}", "--set=sweep.params.loss.name.values=[clip]",
-            "--set=sweep.params.train.lr={type: choice, values: [0.001, 1.0e30]}",
-            "--set=train.max_steps=12", "--set=sweep.max_concurrent=2",
-            "--set=train.cpus_per_worker=1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "RAY_ADDRESS": "local"}  # a Ray of its own: 2 CPUs here, 2 trials at once
-    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("tiny")
-    parent = find_parent(client, exp.experiment_id, "tiny")
-    runs = child_runs(LineageRef(uri, exp.experiment_id, parent, "tiny"))
-    by_lr = {float(r.data.params["train.lr"]): r for r in runs}
-    assert sorted(by_lr) == [0.001, 1.0e30] and len(runs) == 2
+    out, client, parent, by_lr = _study(
+        tmp_path, "--set=sweep.max_concurrent=2", "--set=train.cpus_per_worker=1",
+        env={"RAY_ADDRESS": "local"})  # a Ray of its own: 2 CPUs here, 2 trials at once
     bad, good = by_lr[1.0e30], by_lr[0.001]
     # they ran side by side: each started before the other ended
     assert bad.info.start_time < good.info.end_time and good.info.start_time < bad.info.end_time

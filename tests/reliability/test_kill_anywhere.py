@@ -132,6 +132,27 @@ def _compared(metrics: dict[str, float]) -> dict[str, float]:
             if k.startswith(COMPARED_PREFIXES) and k not in NOT_COMPARED}
 
 
+def _assert_runs_match(client, got: dict, ref_client, want: dict) -> None:
+    """Each resumed run ended as its uninterrupted twin: same status and outcome, every
+    ``val/loss`` step once, and (completed trials; a trial ASHA stopped early has no test
+    metrics) no error and the same metrics."""
+    for key, run in got.items():
+        ref = want[key]
+        assert run.info.status == ref.info.status, (key, run.data.tags.get("hescape.error"))
+        outcome = run.data.tags.get("hescape.outcome")
+        assert outcome == ref.data.tags.get("hescape.outcome"), key
+        assert run.info.status == "FINISHED" and outcome in ("completed", "stopped early"), key
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        ref_steps = [m.step for m in ref_client.get_metric_history(ref.info.run_id, "val/loss")]
+        assert sorted(steps) == sorted(ref_steps) and len(set(steps)) == len(steps), key
+        if outcome == "completed":
+            assert "hescape.error" not in run.data.tags, key  # a reattached run ran again
+            a, b = _compared(run.data.metrics), _compared(ref.data.metrics)
+            assert set(a) == set(b) and any(k.startswith("test/") for k in a), key
+            for name in a:
+                assert a[name] == pytest.approx(b[name], rel=1e-6, abs=1e-9), (key, name)
+
+
 def test_driver_killed_anywhere_resumes_to_the_uninterrupted_study(tmp_path):
     reference = _run(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -164,21 +185,7 @@ def test_driver_killed_anywhere_resumes_to_the_uninterrupted_study(tmp_path):
     assert phases.count("search") == NUM_SAMPLES and phases.count("seeds") == SEEDS - 1
     assert len({r.data.tags["ray.trial_id"] for r in runs}) == len(runs)
     assert parent.info.status == "FINISHED"
-    for key, run in got.items():
-        ref = want[key]
-        assert run.info.status == ref.info.status, (key, run.data.tags.get("hescape.error"))
-        outcome = run.data.tags.get("hescape.outcome")
-        assert outcome == ref.data.tags.get("hescape.outcome"), key
-        assert run.info.status == "FINISHED" and outcome in ("completed", "stopped early"), key
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
-        ref_steps = [m.step for m in ref_client.get_metric_history(ref.info.run_id, "val/loss")]
-        assert sorted(steps) == sorted(ref_steps) and len(set(steps)) == len(steps), key
-        if outcome == "completed":
-            assert "hescape.error" not in run.data.tags, key  # a reattached run ran again
-            a, b = _compared(run.data.metrics), _compared(ref.data.metrics)
-            assert set(a) == set(b) and any(k.startswith("test/") for k in a), key
-            for name in a:
-                assert a[name] == pytest.approx(b[name], rel=1e-6, abs=1e-9), (key, name)
+    _assert_runs_match(client, got, ref_client, want)
 
     # Optuna's trials and Tune's trial list agree (and MLflow's runs are Tune's trials)
     tune_trials, searcher = _tune_state(store / "tiny" / "tune" / "search")
